@@ -1,0 +1,56 @@
+"""Shared fixtures: the upstream reference data copied into tests/data (see tests/data/REFERENCE.md)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA = Path(__file__).parent / "data"
+TINY = DATA / "tiny"
+KEYS = DATA / "keys"
+
+# Tolerances suggested by the reference README, section 5.
+ATOL, RTOL = 1e-4, 1e-4
+ATOL_LARGE_IMAGE = 5e-4
+ATOL_SAMPLER = 1e-3
+
+
+@pytest.fixture(scope="session")
+def cases() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(TINY / "cases.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def cases_meta() -> dict:
+    return json.loads((TINY / "cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_weights() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(TINY / "weights.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def schedule_ref() -> dict:
+    return json.loads((TINY / "schedule.json").read_text())
+
+
+def read_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """Rows (key, shape, kind) of keys/dynamicrafter_<name>.tsv, in state_dict order."""
+    rows = []
+    lines = (KEYS / f"dynamicrafter_{name}.tsv").read_text().splitlines()[1:]
+    for line in lines:
+        key, shape, _dtype, kind = line.split("\t")
+        dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
+        rows.append((key, dims, kind))
+    return rows
