@@ -1,0 +1,83 @@
+"""Build a DynamiCrafter model from a config and fill it with official (or seeded random) weights."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+from omegaconf import DictConfig
+
+from .checkpoints import check_keys, read_checkpoint, resolve_checkpoint
+from .config import load_model_config, model_defaults
+
+TINY_SEED = 0
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
+    """'fp32' | 'fp16' | 'bf16' (or a torch.dtype) -> torch.dtype; None -> float32."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_config(cfg: Union[DictConfig, str, Path]) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else load_model_config(cfg)
+
+
+def build_model(cfg: Union[DictConfig, str, Path], device: Union[str, torch.device, None] = None):
+    """A DynamiCrafter nn.Module in eval mode, float32, whose state_dict keys equal the checkpoint's.
+
+    `device="meta"` allocates nothing (for inspecting shapes, or for loading with assign=True).
+    """
+    from .models.diffusion import DynamiCrafter
+
+    cfg = _as_config(cfg)
+    with torch.device(device or "cpu"):
+        model = DynamiCrafter(cfg)
+    return model.eval().requires_grad_(False)
+
+
+def load_pretrained(
+    name: Union[str, Path] = "512",
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    checkpoint: Union[str, Path, None] = None,
+    vae_dtype: Union[str, torch.dtype, None] = None,
+):
+    """Download (if needed) and strictly load a model; `tiny` gets seeded random weights instead.
+
+    The model is built on the meta device and adopts the checkpoint's (memory-mapped) tensors with
+    `load_state_dict(assign=True)`, so the weights are never held twice in RAM.
+    """
+    cfg = _as_config(name)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype)
+    if checkpoint is None and cfg.name == "tiny":
+        from .models.random_init import randomize_parameters
+
+        model = randomize_parameters(build_model(cfg, device="cpu"), seed=TINY_SEED)
+    else:
+        path = Path(checkpoint) if checkpoint else resolve_checkpoint(str(cfg.name), model_defaults(cfg).hub_repo)
+        state_dict = read_checkpoint(path)
+        model = build_model(cfg, device="meta")
+        check_keys(model, state_dict, path)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        del state_dict
+        # Checkpoint tensors may be stored in half precision; the model's reference dtype is float32.
+        model.float()
+        model.reset_nonpersistent_buffers("cpu")
+    model = model.to(device)
+    if dtype != torch.float32 or vae_dtype is not None:
+        model.set_dtype(dtype, parse_dtype(vae_dtype))
+    return model.eval().requires_grad_(False)
