@@ -1,0 +1,79 @@
+"""dc_app's web app: `python app.py [--model 512] [--device cuda] [--dtype fp16] [--host 127.0.0.1] [--port 7860]`.
+
+Options fall back to DC_APP_MODEL, DC_APP_DEVICE, DC_APP_DTYPE, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
+(Spaces and Docker set the last two). The model loads when this module is imported, as ZeroGPU requires.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dc_app.config import MODEL_NAMES
+from dc_app.storage import default_root
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+QUEUE_SIZE = 16      # waiting requests; one more gets Gradio's "queue is full" answer
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    env = os.environ
+    p = argparse.ArgumentParser(description="DynamiCrafter image-to-video web app")
+    p.add_argument("--model", default=env.get("DC_APP_MODEL", "512"), help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--device", default=env.get("DC_APP_DEVICE") or None,
+                   help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=env.get("DC_APP_DTYPE") or None, help=f"one of {', '.join(DTYPE_CHOICES)}")
+    p.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", "7860")))
+    p.add_argument("--share", action="store_true", help="open a public gradio.live link (off by default)")
+    args = p.parse_args(argv)
+    # Environment values skip argparse's `choices` check; check both forms the same way.
+    if args.model not in MODEL_NAMES:
+        p.error(f"--model/DC_APP_MODEL: expected one of {', '.join(MODEL_NAMES)}, got {args.model!r}")
+    if args.dtype is not None and args.dtype not in DTYPE_CHOICES:
+        p.error(f"--dtype/DC_APP_DTYPE: expected one of {', '.join(DTYPE_CHOICES)}, got {args.dtype!r}")
+    return args
+
+
+# Everything the app writes (results, Gradio's uploads and copies) lives under one temp folder: Gradio's own.
+# Gradio serves files from it, so the API can hand out results without widening allowed_paths. Gradio reads
+# GRADIO_TEMP_DIR when it is imported, so this comes first.
+OUTPUT_ROOT = Path(os.environ.get("DC_APP_OUTPUT_DIR") or os.environ.get("GRADIO_TEMP_DIR") or default_root())
+os.environ["GRADIO_TEMP_DIR"] = str(OUTPUT_ROOT)
+
+ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+logging.getLogger("dc_app").setLevel(logging.INFO)  # one line per cancelled run, full tracebacks of failures
+
+from dc_app import load_pretrained  # noqa: E402  (after GRADIO_TEMP_DIR)
+from dc_app.faults import fault_from_env  # noqa: E402
+from dc_app.images import MAX_FILE_BYTES  # noqa: E402
+from dc_app.service import Service  # noqa: E402
+from dc_app.ui import ASSETS_DIR, CSS, THEME, build_demo  # noqa: E402
+
+FAULTS = fault_from_env()  # read once, before the slow part: a typo stops the start at once
+# Spaces and Docker show this log while the page is not up yet: say what the wait is.
+WHY = "seeded random weights, no download" if ARGS.model == "tiny" else \
+    "the first start downloads its checkpoint, several GB, into the Hugging Face cache"
+print(f"dc_app: loading the {ARGS.model} model ({WHY})...", file=sys.stderr, flush=True)
+MODEL = load_pretrained(ARGS.model, device=ARGS.device, dtype=ARGS.dtype)
+SERVICE = Service(MODEL, output_dir=OUTPUT_ROOT, fault=FAULTS)
+demo = build_demo(SERVICE)
+demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+
+if __name__ == "__main__":
+    demo.launch(
+        server_name=ARGS.host,
+        server_port=ARGS.port,
+        share=ARGS.share,
+        max_file_size=MAX_FILE_BYTES,  # the image loader's own limit: Gradio refuses more before it reaches disk
+        allowed_paths=[str(ASSETS_DIR)],
+        theme=THEME,
+        css=CSS,
+        # Gradio's own refusals (a file that was not uploaded, a URL it will not fetch) reach the caller in its
+        # words; dc_app's handlers already turn every unexpected error into a plain message without internals.
+        show_error=True,
+    )

@@ -1,0 +1,202 @@
+"""The Gradio page and the named API: layout and event wiring only (handlers: dc_app.ui_handlers)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from .service import CFG_RANGE, ETA_RANGE, RESCALE_RANGE, Service
+from .storage import MIN_KEEP_S
+from .ui_handlers import (
+    SPACINGS,
+    api_functions,
+    random_seed,
+    ui_interpolate,
+    ui_run,
+    ui_schedule,
+)
+from .validation import SEED_MAX
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+CONCURRENCY_ID = "device"  # every generating event shares one slot: one generation per device at a time
+UI_MAX_STEPS = 100         # the slider's end; the API accepts up to 1000
+# Gradio's cache (uploads, copies of results): swept every 30 min, files older than 2 h removed.
+DELETE_CACHE = (1800, 2 * MIN_KEEP_S)
+
+THEME = gr.themes.Soft()
+# Stock in warm colours, fixed in cool ones; where the two agree the fixed line covers the stock one.
+PLOT_COLOURS = {"stock sigma": "#d62728", "stock 1 - a_prev - sigma^2": "#ff7f0e",
+                "fixed sigma": "#1f77b4", "fixed 1 - a_prev - sigma^2": "#17becf"}
+PLOT_CAPTION = ("sigma: stock red, fixed blue; 1 - a_prev - sigma^2 (the square-root argument): stock orange, "
+                "fixed teal. Where they agree, the fixed line covers the stock one.")
+CSS = """
+#test-model-banner { background: #fff3cd; border: 1px solid #e0b000; border-radius: 6px; padding: 4px 12px; }
+#report textarea { font-family: ui-monospace, monospace; }
+"""
+
+# (image, prompt, steps, eta, spacing, compare): settings worth showing. The 7-step uniform_trailing eta-1
+# run breaks upstream's sampler on zero-SNR models (NaN at step 1); 36 uniform steps crash it on every model.
+_EXAMPLES = [
+    ("rocket.jpg", "a rocket lifting off, smoke billowing", 7, 1.0, "uniform_trailing", True),
+    ("coffee.jpg", "steam rising from a cup of coffee", 36, 1.0, "uniform", True),
+    ("astronaut.jpg", "an astronaut waving at the camera", None, None, None, False),
+    ("chelsea.jpg", "a cat turning its head", None, None, None, False),
+]
+
+
+def _banner(service: Service) -> str:
+    if service.is_test_model:
+        return ("**Test model.** `tiny` has seeded random weights: its videos are noise. It exists so the app "
+                "and its tests run on a CPU in seconds; start the app with `--model 512` for real videos.")
+    return ""
+
+
+def _examples(service: Service) -> list[list]:
+    d = service.defaults
+    rows = []
+    for name, prompt, steps, eta, spacing, compare in _EXAMPLES:
+        path = ASSETS_DIR / name
+        if path.is_file():
+            rows.append([str(path), prompt, steps or d.ddim_steps, d.ddim_eta if eta is None else eta,
+                         d.cfg_scale, d.fs, 123, d.guidance_rescale, spacing or d.timestep_spacing, "fixed",
+                         d.perframe_ae, compare])
+    return rows
+
+
+def _settings(service: Service, prefix: str = "") -> dict:
+    """The setting controls (inside the current layout context), keyed by the service's argument names.
+
+    `prefix` keeps element ids unique when a second tab has its own set.
+    """
+    d = service.defaults
+    c = {}
+    c["prompt"] = gr.Textbox(label="Prompt", placeholder="what should move, and how", max_lines=3,
+                             elem_id=f"{prefix}prompt")
+    with gr.Row():
+        c["steps"] = gr.Slider(1, UI_MAX_STEPS, value=min(d.ddim_steps, UI_MAX_STEPS), step=1,
+                               label="Sampling steps", elem_id=f"{prefix}steps")
+        c["eta"] = gr.Slider(*ETA_RANGE, value=d.ddim_eta, step=0.05, label="eta (DDIM noise)",
+                             elem_id=f"{prefix}eta")
+    with gr.Row():
+        c["cfg_scale"] = gr.Slider(*CFG_RANGE, value=d.cfg_scale, step=0.5, label="CFG scale",
+                                   elem_id=f"{prefix}cfg")
+        c["fs"] = gr.Slider(*d.fs_range, value=d.fs, step=1,
+                            label="fs (frame stride)" if d.fs_range[1] <= 6 else "fs (motion, as fps)",
+                            elem_id=f"{prefix}fs")
+    with gr.Row():
+        c["seed"] = gr.Number(value=-1, precision=0, minimum=-1, maximum=SEED_MAX, label="Seed (-1: random)",
+                              elem_id=f"{prefix}seed")
+        c["random_seed"] = gr.Button("Random seed", size="sm", elem_id=f"{prefix}random-seed")
+    with gr.Accordion("Advanced", open=False):
+        c["guidance_rescale"] = gr.Slider(*RESCALE_RANGE, value=d.guidance_rescale, step=0.05,
+                                          label="Guidance rescale", elem_id=f"{prefix}guidance-rescale")
+        c["timestep_spacing"] = gr.Radio(SPACINGS, value=d.timestep_spacing, label="Timestep spacing",
+                                         elem_id=f"{prefix}spacing")
+        c["sampler"] = gr.Radio(["fixed", "stock"], value="fixed", label="Sampler", elem_id=f"{prefix}sampler",
+                                info="fixed never gives NaN; stock is upstream's, failures included")
+        c["perframe_ae"] = gr.Checkbox(value=d.perframe_ae, label="VAE per-frame decode (less memory)",
+                                       elem_id=f"{prefix}perframe")
+    return c
+
+
+def build_demo(service: Service) -> gr.Blocks:
+    """The page for `service`'s model, with the named API endpoints /generate, /compare (and /interpolate)."""
+    h, w = service.frame_size
+    with gr.Blocks(title="DynamiCrafter image to video", delete_cache=DELETE_CACHE) as demo:
+        if service.is_test_model:
+            gr.Markdown(_banner(service), elem_id="test-model-banner")
+        gr.Markdown(
+            f"# DynamiCrafter: image to video\nModel **{service.model_name}**: {service.frames} frames of "
+            f"{w}x{h} at {service.fps} fps. The fixed DDIM sampler never gives NaN; switch **Compare** on to "
+            f"see upstream's (stock) sampler on the same noise."
+        )
+        with gr.Tab("Image to video"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
+                                     image_mode=None, elem_id="image")
+                    s = _settings(service)
+                    compare = gr.Checkbox(label="Compare stock and fixed samplers side by side",
+                                          elem_id="compare")
+                    with gr.Row():
+                        run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                with gr.Column():
+                    with gr.Row():
+                        with gr.Column(visible=False, min_width=160) as stock_column:
+                            stock_video = gr.Video(label="stock sampler", autoplay=True, loop=True,
+                                                   buttons=["download"], interactive=False, elem_id="stock-video")
+                            stock_note = gr.Markdown(elem_id="stock-note")
+                        with gr.Column(min_width=160):
+                            video = gr.Video(label="result", autoplay=True, loop=True, buttons=["download"],
+                                             interactive=False, elem_id="video")
+                            video_note = gr.Markdown(elem_id="video-note")
+                    report = gr.Textbox(label="Report", lines=4, interactive=False, elem_id="report")
+                    with gr.Row():
+                        seed_used = gr.Number(value=None, label="Seed used", precision=0, interactive=False,
+                                              elem_id="seed-used")
+                        settings_file = gr.File(label="Settings (JSON)", interactive=False, elem_id="settings")
+                    plot = gr.LinePlot(x="step", y="value", color="curve", height=300, elem_id="schedule-plot",
+                                       color_map=PLOT_COLOURS, caption=PLOT_CAPTION,
+                                       label="DDIM schedule: sigma and the square-root argument per step",
+                                       x_title="step (1 = noisiest)", y_title="value")
+                    plot_note = gr.Markdown(elem_id="schedule-note")
+            order = ["prompt", "steps", "eta", "cfg_scale", "fs", "seed", "guidance_rescale", "timestep_spacing",
+                     "sampler", "perframe_ae"]
+            inputs = [image] + [s[k] for k in order] + [compare]
+            examples = _examples(service)
+            if examples:
+                gr.Examples(examples, inputs=inputs,
+                            label="Examples (compare on: settings that break the stock sampler)")
+
+        run_event = run_btn.click(
+            ui_run(service), inputs=inputs,
+            outputs=[stock_column, stock_video, stock_note, video, video_note, report, seed_used, settings_file],
+            concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
+        )
+        # Cancelling the event makes the running handler tell the sampler to stop (dc_app.ui_handlers).
+        cancel_btn.click(lambda: "cancelled", outputs=report, cancels=[run_event], queue=False,
+                         api_visibility="private")
+        s["random_seed"].click(random_seed, outputs=s["seed"], queue=False, api_visibility="private")
+        compare.change(lambda on: gr.update(visible=on), inputs=compare, outputs=stock_column, queue=False,
+                       api_visibility="private")
+        schedule_inputs = [s["steps"], s["eta"], s["timestep_spacing"]]
+        gr.on([demo.load, s["steps"].release, s["eta"].release, s["timestep_spacing"].change],
+              ui_schedule(service), inputs=schedule_inputs, outputs=[plot, plot_note], queue=False,
+              api_visibility="private")
+
+        if service.is_interp_model:
+            with gr.Tab("Interpolation / loop"):
+                gr.Markdown("Two images: a video from the first to the second. Leave the second empty for a loop "
+                            "that returns to the first.")
+                with gr.Row():
+                    with gr.Column():
+                        with gr.Row():
+                            first = gr.Image(label="First frame", type="filepath", image_mode=None,
+                                             elem_id="interp-image")
+                            second = gr.Image(label="Last frame (empty: loop)", type="filepath", image_mode=None,
+                                              elem_id="interp-image2")
+                        si = _settings(service, prefix="interp-")
+                        with gr.Row():
+                            interp_btn = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
+                            interp_cancel = gr.Button("Cancel", variant="stop")
+                    with gr.Column():
+                        interp_video = gr.Video(label="result", autoplay=True, loop=True, buttons=["download"],
+                                                interactive=False)
+                        interp_report = gr.Textbox(label="Report", lines=3, interactive=False)
+                        with gr.Row():
+                            interp_seed = gr.Number(value=None, label="Seed used", precision=0, interactive=False)
+                            interp_file = gr.File(label="Settings (JSON)", interactive=False)
+                interp_event = interp_btn.click(
+                    ui_interpolate(service),
+                    inputs=[first, second] + [si[k] for k in order],
+                    outputs=[interp_video, interp_report, interp_seed, interp_file],
+                    concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
+                )
+                interp_cancel.click(lambda: "cancelled", outputs=interp_report, cancels=[interp_event],
+                                    queue=False, api_visibility="private")
+                si["random_seed"].click(random_seed, outputs=si["seed"], queue=False, api_visibility="private")
+
+        for name, fn in api_functions(service).items():
+            gr.api(fn, api_name=name, concurrency_id=CONCURRENCY_ID)
+    return demo

@@ -1,0 +1,325 @@
+"""The running app (`python app.py --model tiny`) through its API, the way a user's script calls it.
+
+Covers issue 4's API checks (/generate, /compare NaN and crash), issue 6's bad-input corpus
+(tests/data/bad_inputs.json), concurrency and the queue bound, cancellation, and what the server exposes.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import re
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.utils import Status
+from PIL import Image
+
+from apphelpers import REPO, call_raw, start_app, stop_app, upload
+
+pytestmark = pytest.mark.slow
+
+CORPUS = json.loads((Path(__file__).parent / "data" / "bad_inputs.json").read_text())["cases"]
+FRAMES, SIZE = 4, 64  # the tiny model: 4 frames of 64x64
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    running = start_app(tmp_path_factory.mktemp("app"))
+    yield running
+    stop_app(running)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.url, verbose=False)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _make_images(d: Path) -> dict[str, Path]:
+    """Every image the corpus names, made here so the repo carries no binary test files."""
+    out = {}
+
+    def save(name, img, **kw):
+        out[name] = d / name
+        img.save(out[name], **kw)
+
+    photo = Image.open(REPO / "assets" / "rocket.jpg").convert("RGB")
+    save("ok.jpg", photo)
+    save("rgba.png", photo.convert("RGBA"))
+    save("la.png", photo.convert("LA"))
+    pal = photo.convert("P")
+    save("palette.png", pal, transparency=0)
+    save("gray.png", photo.convert("L"))
+    save("gray16.png", Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)))
+    save("cmyk.jpg", photo.convert("CMYK"))
+    photo.save(d / "gif.gif", save_all=True, append_images=[photo.rotate(90)], duration=100)
+    out["gif.gif"] = d / "gif.gif"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("exif.jpg", photo, exif=exif.tobytes())
+    save("one_pixel.png", Image.new("RGB", (1, 1), (90, 20, 200)))
+    save("strip.png", photo.resize((4000, 1)))
+    (d / "text.png").write_text("not an image")
+    (d / "empty.png").write_bytes(b"")
+    (d / "svg.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
+    (d / "eps.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    whole = (d / "ok.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (d / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    (d / "too_many_pixels.png").write_bytes(_png_claiming(6400, 6400))
+    (d / "huge_side.png").write_bytes(_png_claiming(8193, 1))
+    for name in ("text.png", "empty.png", "svg.svg", "eps.eps", "truncated.jpg", "bomb.png", "too_many_pixels.png",
+                 "huge_side.png"):
+        out[name] = d / name
+    return {Path(k).stem: v for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _make_images(tmp_path_factory.mktemp("images"))
+
+
+def decode(video) -> np.ndarray:
+    path = video["path"] if isinstance(video, dict) else video
+    return iio.imread(path)
+
+
+def assert_model_video(video):
+    frames = decode(video)
+    assert frames.shape == (FRAMES, SIZE, SIZE, 3)
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+
+def test_named_endpoints_use_the_service_argument_names(client):
+    from dc_app.service import Service
+
+    api = client.view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == {"/generate", "/compare"}  # /interpolate: 512_interp only
+    assert api["unnamed_endpoints"] == {}
+    for name, endpoint in api["named_endpoints"].items():
+        params = endpoint["parameters"]
+        service_args = [p.name for p in inspect.signature(getattr(Service, name[1:])).parameters.values()
+                        if p.kind is not p.KEYWORD_ONLY and p.name != "self"]
+        assert [p["parameter_name"] for p in params] == service_args
+        assert [p["parameter_name"] for p in params if not p["parameter_has_default"]] == ["image"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in api["named_endpoints"]["/generate"]["parameters"]}
+    assert defaults["steps"] == 50 and defaults["timestep_spacing"] == "uniform_trailing" and defaults["seed"] == -1
+
+
+def test_generate_returns_an_mp4_of_the_model_size(client, images):
+    video, report, seed = client.predict(handle_file(images["ok"]), prompt="a rocket", steps=2, seed=11,
+                                         api_name="/generate")
+    frames = assert_model_video(video)
+    assert frames.std() > 1
+    assert report.startswith("fixed: finite (") and "seed 11," in report and seed == 11
+
+
+def test_compare_shows_stock_nan_at_step_1(client, images):
+    stock, fixed, report = client.predict(handle_file(images["ok"]), prompt="a rocket", steps=7, eta=1.0,
+                                          timestep_spacing="uniform_trailing", seed=3, api_name="/compare")
+    lines = report.splitlines()
+    assert lines[0].startswith("stock: NaN from step 1 of 7 (t=999): video is black"), report
+    assert lines[1].startswith("fixed: finite"), report
+    assert assert_model_video(stock).max() <= 2  # black, as upstream's users see NaN
+    fixed_frames = assert_model_video(fixed).astype(float)
+    assert fixed_frames.std() > 5 and np.abs(np.diff(fixed_frames, axis=0)).mean() > 0.5  # moves, not constant
+
+
+def test_compare_reports_the_stock_crash_in_words(client, images):
+    stock, fixed, report = client.predict(handle_file(images["ok"]), prompt="a rocket", steps=36,
+                                          timestep_spacing="uniform", seed=3, api_name="/compare")
+    assert stock is None
+    assert report.startswith("stock: crashed: uniform spacing cannot do 36 steps"), report
+    assert report.splitlines()[1].startswith("fixed: finite")
+    assert assert_model_video(fixed).std() > 5
+
+
+# ------------------------------------------------------------------------------------ bad-input corpus
+
+
+def _special(value):
+    return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.get(value, value) \
+        if isinstance(value, str) else value
+
+
+def _expand(args: dict) -> dict:
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, str) and v.startswith("REPEAT:"):
+            _, ch, n = v.split(":")
+            v = ch * int(n)
+        out[k] = v
+    return out
+
+
+def run_case(app, client, images, case) -> tuple[str, object]:
+    """-> ("ok", (outputs)) or ("error", message)."""
+    endpoint = case.get("endpoint", "generate")
+    args = _expand(case["args"])
+    if case.get("transport") == "http":
+        image = case["image_payload"] if "image_payload" in case else (
+            upload(app, images[case["image"]]) if case.get("image") else None)
+        kind, payload = call_raw(app, endpoint, {"image": image, **{k: _special(v) for k, v in args.items()}})
+        if kind == "complete":
+            return "ok", payload
+        return "error", (payload or {}).get("error") or ""
+    image = case["image_payload"] if "image_payload" in case else (
+        handle_file(images[case["image"]]) if case.get("image") else None)
+    try:
+        return "ok", client.predict(image, api_name=f"/{endpoint}", **args)
+    except Exception as err:  # gradio_client raises AppError with the server's message
+        return "error", str(err)
+
+
+def test_corpus_is_big_enough_and_well_formed(images):
+    assert len(CORPUS) >= 40 and len({c["id"] for c in CORPUS}) == len(CORPUS)
+    for case in CORPUS:
+        assert case["expect"] in ("accept", "notice", "reject") and case["message"]
+        assert case.get("image") is None or case["image"] in images, case["id"]
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c["id"] for c in CORPUS])
+def test_bad_input_corpus(app, client, images, case):
+    outcome, value = run_case(app, client, images, case)
+    if case["expect"] == "reject":
+        assert outcome == "error", f"{case['id']}: accepted: {value}"
+        assert case["message"] in value, f"{case['id']}: {value!r}"
+        return
+    assert outcome == "ok", f"{case['id']}: rejected: {value}"
+    video, report, _seed = value
+    assert_model_video(video)
+    assert case["message"] in report, report
+    notices = [line for line in report.splitlines() if line.startswith("prompt:")]
+    assert bool(notices) == (case["expect"] == "notice"), report
+
+
+def test_a_valid_request_after_the_corpus_succeeds(app, client, images):
+    video, report, seed = client.predict(handle_file(images["ok"]), steps=1, seed=5, api_name="/generate")
+    assert_model_video(video)
+    assert seed == 5 and app.alive()
+    assert not [f for f in app.result_files() if ".partial" in f]
+
+
+# ------------------------------------------------------------------------------------------ exposure
+
+
+def test_listens_on_loopback_only(app):
+    # /proc/net/tcp lists listening sockets as hex "address:port"; 0100007F is 127.0.0.1.
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    listening = [r[1] for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == app.port]
+    assert listening == [f"0100007F:{app.port:04X}"]
+    assert "gradio.live" not in app.log()  # no share link
+
+
+def test_serves_assets_but_nothing_else_of_the_disk(app):
+    def get(path):
+        return httpx.get(app.url + f"gradio_api/file={path}", timeout=10).status_code
+
+    assert get(REPO / "assets" / "rocket.jpg") == 200
+    assert get(REPO / "app.py") == 403
+    assert get("/etc/passwd") == 403
+    assert get(REPO / "tests" / "data" / "tiny" / "config.yaml") == 403
+
+
+def test_uploads_over_the_size_limit_are_refused(app, tmp_path):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(51 * 1024 * 1024)
+    with open(big, "rb") as f:
+        r = httpx.post(app.url + "gradio_api/upload", files={"files": ("big.png", f)}, timeout=120)
+    assert r.status_code == 413
+
+
+# --------------------------------------------------------------------------- concurrency and the queue
+
+
+def test_eight_clients_at_once_each_get_their_own_result(app, images):
+    seeds = list(range(500, 508))
+
+    def one(seed):
+        return Client(app.url, verbose=False).predict(handle_file(images["ok"]), steps=1, seed=seed,
+                                                      api_name="/generate")
+
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        results = list(pool.map(one, seeds))
+    videos = {}
+    for seed, (video, report, used) in zip(seeds, results):
+        assert used == seed and f"seed {seed}," in report
+        videos[seed] = assert_model_video(video).astype(int)
+    paths = [r[0] for r in results]
+    assert len(set(paths)) == len(paths)
+    for a in seeds:
+        for b in seeds:
+            if a < b:
+                assert np.abs(videos[a] - videos[b]).mean() > 1  # different seeds, different videos
+    # The same seed alone gives the same video: no result crossed to another client.
+    for seed in seeds[:2]:
+        video, _, _ = Client(app.url, verbose=False).predict(handle_file(images["ok"]), steps=1, seed=seed,
+                                                             api_name="/generate")
+        assert np.abs(decode(video).astype(int) - videos[seed]).max() <= 2
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_full_queue_answers_busy_and_recovers(app, images):
+    client = Client(app.url, verbose=False)
+    image = handle_file(images["ok"])
+    running = client.submit(image, steps=1000, seed=1, api_name="/generate")
+    _wait_for(lambda: running.status().code == Status.PROCESSING, 120, "the long run to start")
+    waiting = [client.submit(image, steps=1, seed=i, api_name="/generate") for i in range(16)]
+    _wait_for(lambda: app.queue_size() == 16, 120, "16 queued requests")
+    extra = client.submit(image, steps=1, seed=99, api_name="/generate")
+    with pytest.raises(Exception, match="Queue is full"):
+        extra.result(timeout=120)
+    for job in waiting:
+        job.cancel()
+    running.cancel()
+    _wait_for(lambda: app.queue_size() == 0, 60, "the queue to empty")
+    video, _, seed = Client(app.url, verbose=False).predict(image, steps=1, seed=7, api_name="/generate")
+    assert seed == 7 and assert_model_video(video) is not None
+
+
+def test_cancel_stops_a_run_within_a_step_and_leaves_nothing(app, images):
+    client = Client(app.url, verbose=False)
+    image = handle_file(images["ok"])
+    before = app.result_files()
+    log_before = app.log()
+    job = client.submit(image, steps=1000, seed=2, api_name="/generate")
+    _wait_for(lambda: job.status().code == Status.PROCESSING, 120, "the run to start")
+    time.sleep(2)
+    job.cancel()
+    _wait_for(lambda: "cancelled at step" in app.log()[len(log_before):], 60, "the run to stop")
+    stopped_at = int(re.search(r"cancelled at step (\d+)", app.log()[len(log_before):]).group(1))
+    assert 1 <= stopped_at < 1000
+    video, _, seed = client.predict(image, steps=1, seed=8, api_name="/generate")
+    assert seed == 8
+    new = sorted(set(app.result_files()) - set(before))
+    # only the last request's mp4 and JSON: the cancelled run left nothing, not even a temp file
+    assert [Path(n).suffix for n in new] == [".json", ".mp4"] and Path(new[0]).stem == Path(new[1]).stem

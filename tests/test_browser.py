@@ -1,0 +1,112 @@
+"""A real browser (Debian's chromium, driven by Playwright) uses the tiny app: upload, prompt, compare, Generate.
+
+Needs `apt-get install chromium chromium-driver`; Playwright's own browser download is not used. Deselect with
+`-m "not browser"` where no chromium can be installed.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from apphelpers import REPO, start_app, stop_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+VIDEOS_READY = """() => {
+    const videos = [...document.querySelectorAll('#stock-video video, #video video')];
+    return videos.length === 2 && videos.every(v => v.readyState >= 2);
+}"""
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    running = start_app(tmp_path_factory.mktemp("browser"))
+    yield running
+    stop_app(running)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+def test_compare_in_the_browser(app, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.locator("#generate").wait_for(timeout=60_000)
+    assert "Test model" in page.locator("#test-model-banner").inner_text()
+
+    page.locator("#image input[type=file]").set_input_files(str(REPO / "assets" / "rocket.jpg"))
+    page.locator("#image img").first.wait_for(timeout=30_000)  # the upload finished and shows a preview
+    page.locator("#prompt textarea").fill("a rocket lifting off")
+    steps = page.locator("#steps input[type=number]")
+    steps.fill("7")
+    steps.press("Enter")
+    page.locator("#compare input[type=checkbox]").check()
+    page.locator("#generate").click()
+
+    page.wait_for_function(VIDEOS_READY, timeout=180_000)
+    report = page.locator("#report textarea")
+    assert report.is_visible()
+    text = report.input_value()
+    assert text.startswith("stock: NaN from step 1 of 7 (t=999): video is black"), text
+    assert "fixed: finite" in text
+    # each video has its own line, with its time, right under it
+    assert page.locator("#stock-note").inner_text().startswith("stock: NaN from step 1 of 7 (t=999)")
+    assert page.locator("#video-note").inner_text().startswith("fixed: finite (")
+    # Both play: muted (autoplay policy), started by the page, and their clocks move.
+    played = page.evaluate("""async () => {
+        const videos = [...document.querySelectorAll('#stock-video video, #video video')];
+        for (const v of videos) { v.muted = true; await v.play(); }
+        await new Promise(r => setTimeout(r, 700));
+        return videos.map(v => v.currentTime > 0 && !v.paused);
+    }""")
+    assert played == [True, True]
+
+    shot = tmp_path / "compare.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    docs = REPO / "docs"
+    docs.mkdir(exist_ok=True)
+    shutil.copyfile(shot, docs / "compare.png")  # the README's picture
+    assert errors == []
+    page.close()
+
+
+def test_cancel_in_the_browser(app, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.locator("#generate").wait_for(timeout=60_000)
+    page.locator("#image input[type=file]").set_input_files(str(REPO / "assets" / "chelsea.jpg"))
+    page.locator("#image img").first.wait_for(timeout=30_000)
+    steps = page.locator("#steps input[type=number]")
+    steps.fill("100")
+    steps.press("Enter")
+    log_before = len(app.log())
+    page.locator("#generate").click()
+    # gr.Progress shows "fixed sampler: step k of 100" on the output while it runs
+    page.get_by_text("fixed sampler: step").first.wait_for(timeout=120_000)
+    page.locator("#cancel").click()
+    page.wait_for_function("() => document.querySelector('#report textarea').value === 'cancelled'", timeout=30_000)
+    deadline = time.monotonic() + 60
+    while "cancelled at step" not in app.log()[log_before:] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stopped = re.search(r"fixed sampler: cancelled at step (\d+)", app.log()[log_before:])
+    assert stopped and int(stopped.group(1)) < 100
+    assert not [f for f in app.result_files() if ".partial" in f]
+    page.close()

@@ -1,0 +1,525 @@
+"""dc_app.service: validation, input mapping, defaults per model, report wording, failures that leave nothing.
+
+Most tests replace the pipeline with a recorder (`FakePipeline`) so they check the service's own logic in
+milliseconds; the tests marked `tiny` run the real tiny model end to end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from types import SimpleNamespace
+
+import imageio.v3 as iio
+import pytest
+import torch
+from PIL import Image
+
+from dc_app import service as service_mod
+from dc_app.config import load_model_config, model_defaults
+from dc_app.faults import parse_fault
+from dc_app.pipeline import SynthesisResult
+from dc_app.schedule import ddim_timesteps, repair_timesteps
+from dc_app.service import Cancelled, OutOfMemory, RunFailed, Service
+from dc_app.storage import MIN_KEEP_S, OutputStore
+from dc_app.validation import InputError
+
+
+def stub_model(name: str = "tiny", frames: int | None = None, latent=(8, 8)):
+    """What the service reads from a model, built from the real config (no weights)."""
+    cfg = load_model_config(name)
+    return SimpleNamespace(
+        config=cfg, defaults=model_defaults(cfg), image_size=latent,
+        temporal_length=frames or int(cfg.model.params.unet_config.params.temporal_length),
+        channels=4, device=torch.device("cpu"), dtype=torch.float32, num_timesteps=1000,
+        cond_stage_model=SimpleNamespace(num_tokens=lambda text: len(text.split()) + 2, context_length=77),
+    )
+
+
+class FakePipeline:
+    """Stands in for run_synthesis: records its arguments, calls the callback per step, returns a video drawn
+    from the generator (so the seed decides it), NaN or an exception on request."""
+
+    def __init__(self):
+        self.calls = []
+        self.nan_from = {}     # sampler -> 0-based step from which the video is NaN
+        self.raise_for = {}    # sampler -> exception
+
+    def __call__(self, model, sampler, prompts, videos, noise_shape, n_samples=1, ddim_steps=50, ddim_eta=1.0,
+                 unconditional_guidance_scale=1.0, fs=None, timestep_spacing="uniform", guidance_rescale=0.0,
+                 interp=False, loop=False, *, generator=None, callback=None, decode_chunk_size=None, **kw):
+        self.calls.append(dict(sampler=sampler, prompts=prompts, videos=videos, noise_shape=list(noise_shape),
+                               ddim_steps=ddim_steps, ddim_eta=ddim_eta, cfg=unconditional_guidance_scale, fs=fs,
+                               spacing=timestep_spacing, guidance_rescale=guidance_rescale, interp=interp,
+                               loop=loop, decode_chunk_size=decode_chunk_size, generator=generator, **kw))
+        if sampler in self.raise_for:
+            raise self.raise_for[sampler]
+        timesteps = ddim_timesteps(timestep_spacing, ddim_steps)
+        timesteps = [int(t) for t in (repair_timesteps(timesteps) if sampler == "fixed" else timesteps)]
+        for i in range(len(timesteps)):
+            if callback is not None:
+                callback(i, len(timesteps), None, None)
+        _, _, t, h, w = noise_shape
+        video = torch.rand(1, 1, 3, t, 8 * h, 8 * w, generator=generator) * 2 - 1
+        nonfinite = None
+        if sampler in self.nan_from:
+            step = self.nan_from[sampler]
+            video[:] = math.nan
+            nonfinite = {"step": step, "index": len(timesteps) - 1 - step,
+                         "timestep": timesteps[len(timesteps) - 1 - step], "stage": "x_prev"}
+        return SynthesisResult(videos=video, nonfinite=nonfinite, ddim_timesteps=timesteps)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    pipeline = FakePipeline()
+    monkeypatch.setattr(service_mod, "run_synthesis", pipeline)
+    return pipeline
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "in.png"
+    Image.new("RGB", (120, 80), (200, 30, 30)).save(path)
+    return str(path)
+
+
+def results(svc: Service) -> list[str]:
+    return sorted(p.name for p in svc.store.dir.iterdir())
+
+
+# ------------------------------------------------------------------------------------ defaults per model
+
+
+@pytest.mark.parametrize("name, spacing, rescale, fs, fs_range, size", [
+    ("256", "uniform", 0.0, 3, (1, 6), (256, 256)),
+    ("512", "uniform_trailing", 0.7, 24, (15, 30), (320, 512)),
+    ("1024", "uniform_trailing", 0.7, 10, (5, 15), (576, 1024)),
+    ("512_interp", "uniform_trailing", 0.7, 5, (5, 30), (320, 512)),
+    ("tiny", "uniform_trailing", 0.7, 24, (15, 30), (64, 64)),
+])
+def test_defaults_per_model(tmp_path, name, spacing, rescale, fs, fs_range, size):
+    cfg = load_model_config(name)
+    latent = tuple(int(s) for s in cfg.model.params.image_size)
+    svc = Service(stub_model(name, latent=latent), output_dir=tmp_path)
+    req = svc.validate(None, None, None, None, None, None, None, None, None)
+    assert (req.timestep_spacing, req.guidance_rescale, req.fs) == (spacing, rescale, fs)
+    assert (req.steps, req.eta, req.cfg_scale, req.seed) == (50, 1.0, 7.5, -1)
+    assert svc.frame_size == size
+    assert svc.is_interp_model == (name == "512_interp") and svc.is_test_model == (name == "tiny")
+    lo, hi = fs_range
+    assert svc.validate("", 1, 0, 1, lo, 0, 0, spacing, True).fs == lo
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(InputError, match=rf"^fs: expected a whole number from {lo} to {hi}, got {bad}$"):
+            svc.validate("", 1, 0, 1, bad, 0, 0, spacing, True)
+
+
+def test_api_signature_matches_service_and_model_defaults(tmp_path):
+    import inspect
+
+    from dc_app.ui_handlers import api_functions
+
+    svc = Service(stub_model("256", latent=(32, 32)), output_dir=tmp_path)
+    api = api_functions(svc)
+    assert set(api) == {"generate", "compare"}  # /interpolate only for 512_interp
+    for name, fn in api.items():
+        api_params = inspect.signature(fn).parameters
+        service_params = [p for p in inspect.signature(getattr(svc, name)).parameters.values()
+                          if p.kind is not p.KEYWORD_ONLY]
+        assert list(api_params) == [p.name for p in service_params]
+        assert [n for n, p in api_params.items() if p.default is inspect.Parameter.empty] == ["image"]
+    gen = inspect.signature(api["generate"]).parameters
+    assert (gen["timestep_spacing"].default, gen["fs"].default, gen["guidance_rescale"].default) == ("uniform", 3, 0.0)
+    interp = Service(stub_model("512_interp", latent=(40, 64)), output_dir=tmp_path)
+    assert "interpolate" in api_functions(interp)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps: expected a whole number from 1 to 1000, got 0"),
+    ("steps", 1001, "steps: expected a whole number from 1 to 1000, got 1001"),
+    ("steps", 7.5, "steps: expected a whole number from 1 to 1000, got 7.5"),
+    ("steps", "50", "steps: expected a whole number from 1 to 1000, got '50' (text)"),
+    ("steps", True, "steps: expected a whole number from 1 to 1000, got True (true/false)"),
+    ("eta", -0.1, "eta: expected a number from 0 to 1, got -0.1"),
+    ("eta", math.nan, "eta: expected a number from 0 to 1, got NaN"),
+    ("cfg_scale", math.inf, "cfg_scale: expected a number from 1 to 15, got Infinity"),
+    ("cfg_scale", 0.5, "cfg_scale: expected a number from 1 to 15, got 0.5"),
+    ("guidance_rescale", 1.5, "guidance_rescale: expected a number from 0 to 1, got 1.5"),
+    ("seed", -2, "seed: expected -1 (random) or a whole number from 0 to 4294967295, got -2"),
+    ("seed", 2**32, "seed: expected -1 (random) or a whole number from 0 to 4294967295, got 4294967296"),
+    ("timestep_spacing", "linear", "timestep_spacing: expected one of uniform, uniform_trailing, got 'linear' (text)"),
+    ("perframe_ae", "yes", "perframe_ae: expected true or false, got 'yes' (text)"),
+    ("prompt", 42, "prompt: expected text of at most 4000 characters, got 42"),
+    ("prompt", "x" * 4001, "prompt: expected text of at most 4000 characters, got 4001"),
+])
+def test_every_field_is_checked_with_its_range(tmp_path, field, value, message):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    args = dict(prompt="", steps=None, eta=None, cfg_scale=None, fs=None, seed=None, guidance_rescale=None,
+                timestep_spacing=None, perframe_ae=None)
+    args[field] = value
+    with pytest.raises(InputError) as err:
+        svc.validate(**args)
+    assert str(err.value) == message
+
+
+def test_unknown_sampler_is_refused_before_any_work(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    with pytest.raises(InputError, match="^sampler: expected one of fixed, stock, got 'ddpm'"):
+        svc.generate(image, sampler="ddpm")
+    assert fake.calls == []
+
+
+def test_prompt_is_cleaned_and_long_prompts_get_a_notice(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    _, report, _ = svc.generate(image, prompt="a\x00 cat\u202e\n  jumps\u200b", steps=1, seed=1)
+    assert fake.calls[-1]["prompts"] == ["a cat jumps"]
+    assert "prompt: control or invisible characters were removed" in report
+    _, report, _ = svc.generate(image, prompt="word " * 80, steps=1, seed=1)
+    assert "prompt: 82 tokens is longer than the text encoder's 77; the end was cut off" in report
+    _, report, _ = svc.generate(image, prompt="", steps=1, seed=1)
+    assert fake.calls[-1]["prompts"] == [""] and "prompt" not in report
+
+
+# -------------------------------------------------------------------------------------- input mapping
+
+
+def test_generate_maps_every_argument(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    video, report, seed = svc.generate(image, prompt="a dog", steps=12, eta=0.25, cfg_scale=3.5, fs=17,
+                                       seed=99, guidance_rescale=0.3, timestep_spacing="uniform",
+                                       sampler="stock", perframe_ae=False)
+    call = fake.calls[-1]
+    assert (call["sampler"], call["prompts"], call["ddim_steps"], call["ddim_eta"], call["cfg"], call["fs"],
+            call["spacing"], call["guidance_rescale"]) == ("stock", ["a dog"], 12, 0.25, 3.5, 17, "uniform", 0.3)
+    assert call["noise_shape"] == [1, 4, 4, 8, 8] and (call["interp"], call["loop"]) == (False, False)
+    assert call["decode_chunk_size"] == 4  # per-frame decode off: all frames at once
+    v = call["videos"]
+    assert v.shape == (1, 3, 4, 64, 64) and all(torch.equal(v[:, :, 0], v[:, :, k]) for k in range(4))
+    assert seed == 99 and video.endswith(".mp4")
+    svc.generate(image, steps=1, seed=1, perframe_ae=True)
+    assert fake.calls[-1]["decode_chunk_size"] == 1
+
+
+def test_random_seed_is_drawn_and_reported(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    seeds = {svc.generate(image, steps=1, seed=-1)[2] for _ in range(3)}
+    assert len(seeds) == 3 and all(0 <= s < 2**32 for s in seeds)
+
+
+def test_compare_gives_both_samplers_the_same_noise(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    stock, fixed, _ = svc.compare(image, steps=3, seed=1234)
+    assert [c["sampler"] for c in fake.calls] == ["stock", "fixed"]
+    # Fresh generators seeded alike: the fake draws its video from them, so the two videos are equal.
+    assert torch.equal(torch.from_numpy(iio.imread(stock)), torch.from_numpy(iio.imread(fixed)))
+
+
+def test_sidecar_records_every_setting(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    video, _, _ = svc.generate(image, prompt="a dog", steps=5, eta=0.5, cfg_scale=2, fs=20, seed=3,
+                               guidance_rescale=0.1, timestep_spacing="uniform")
+    record = json.loads(open(Service.sidecar_of(video)).read())
+    expected = {"prompt": "a dog", "seed": 3, "steps": 5, "eta": 0.5, "cfg_scale": 2.0, "fs": 20,
+                "sampler": "fixed", "timestep_spacing": "uniform", "guidance_rescale": 0.1, "model": "tiny",
+                "perframe_ae": True}
+    assert {k: record[k] for k in expected} == expected
+    assert set(record["versions"]) >= {"dc_app", "torch", "gradio"}
+    assert record["ddim_timesteps"] == [1, 201, 401, 601, 801] and record["report"].startswith("fixed: finite")
+
+
+def test_output_names_are_random_never_the_prompt(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    a, _, _ = svc.generate(image, prompt="../../etc/passwd", steps=1, seed=1)
+    b, _, _ = svc.generate(image, prompt="../../etc/passwd", steps=1, seed=1)
+    assert a != b
+    for p in (a, b):
+        assert str(svc.store.dir) in p and "passwd" not in p and len(p.split("/")[-1]) > 32
+
+
+def test_interpolate_needs_the_interp_model(tmp_path, fake, image):
+    with pytest.raises(InputError, match="start the app with --model 512_interp"):
+        Service(stub_model(), output_dir=tmp_path).interpolate(image, image)
+    svc = Service(stub_model("512_interp", latent=(8, 8), frames=4), output_dir=tmp_path)
+    red = image
+    blue = str(tmp_path / "blue.png")
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(blue)
+    svc.interpolate(red, blue, steps=2, seed=1)
+    call = fake.calls[-1]
+    v = call["videos"]
+    assert (call["interp"], call["loop"], call["fs"]) == (True, False, 5)
+    assert v[0, 0, 0].mean() > 0.5 and v[0, 2, -1].mean() > 0.9  # first frame red, last frame blue
+    svc.interpolate(red, None, steps=2, seed=1)
+    assert fake.calls[-1]["loop"] is True and torch.equal(fake.calls[-1]["videos"][:, :, 0],
+                                                          fake.calls[-1]["videos"][:, :, -1])
+
+
+# ------------------------------------------------------------------------------------- report wording
+
+
+def test_report_stock_nan_and_fixed_finite(tmp_path, fake, image):
+    fake.nan_from["stock"] = 0
+    svc = Service(stub_model(), output_dir=tmp_path)
+    stock, fixed, report = svc.compare(image, steps=7, eta=1.0, timestep_spacing="uniform_trailing", seed=5)
+    lines = report.splitlines()
+    assert lines[0].startswith("stock: NaN from step 1 of 7 (t=999): video is black (")
+    assert lines[1].startswith("fixed: finite (") and lines[1].endswith(" s)")
+    assert "seed 5" in lines[2] and "7 steps (uniform_trailing)" in lines[2]
+    assert iio.imread(stock).max() <= 2 and iio.imread(fixed).std() > 20
+
+
+def test_report_stock_crash_has_no_video(tmp_path, fake, image):
+    fake.raise_for["stock"] = IndexError("uniform spacing cannot do 36 steps: timestep 1000 is out of range 0..999")
+    svc = Service(stub_model(), output_dir=tmp_path)
+    stock, fixed, report = svc.compare(image, steps=36, timestep_spacing="uniform", seed=5)
+    assert stock is None and fixed.endswith(".mp4")
+    lines = report.splitlines()
+    assert lines[0].startswith("stock: crashed: uniform spacing cannot do 36 steps")
+    assert lines[2] == "steps: uniform spacing runs 38 steps for the 36 asked (upstream's rounding, kept so " \
+                       "results match upstream's)"
+    assert lines[3] == "fixed: timestep 1000 is outside 0..999; it ran 999 instead"
+    assert len(results(svc)) == 2  # the fixed mp4 and its JSON only
+    with pytest.raises(RunFailed, match="^stock: crashed: uniform spacing cannot do 36 steps"):
+        svc.generate(image, steps=36, timestep_spacing="uniform", sampler="stock")
+
+
+def test_report_partial_nan(tmp_path, fake, image, monkeypatch):
+    real = fake.__call__
+
+    def half_nan(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.videos[..., :32] = math.nan
+        result.nonfinite = {"step": 2, "index": 2, "timestep": 399, "stage": "x_prev"}
+        return result
+
+    monkeypatch.setattr(service_mod, "run_synthesis", half_nan)
+    _, report, _ = Service(stub_model(), output_dir=tmp_path).generate(image, steps=5, sampler="stock", seed=1)
+    assert report.startswith("stock: NaN from step 3 of 5 (t=399): 50% of the video is black")
+
+
+def test_fixed_sampler_error_is_not_called_a_stock_crash(tmp_path, fake, image):
+    fake.raise_for["fixed"] = RuntimeError("shape mismatch")
+    svc = Service(stub_model(), output_dir=tmp_path)
+    with pytest.raises(RunFailed) as err:
+        svc.generate(image, steps=2)
+    assert str(err.value).startswith("internal error while sampling with the fixed sampler (RuntimeError)")
+    assert "shape mismatch" not in str(err.value)  # no internals in what the person sees
+
+
+# ------------------------------------------------------------------------ cancellation, OOM, faults, lock
+
+
+def test_cancel_stops_within_one_step_and_leaves_nothing(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(step, total, label):
+        seen.append(step)
+        if step == 3:
+            cancel.set()
+
+    with pytest.raises(Cancelled, match="^cancelled at step 3 of 50$"):
+        svc.generate(image, steps=50, progress=progress, cancel=cancel)
+    assert seen == [1, 2, 3] and results(svc) == []
+    svc.generate(image, steps=2, seed=1)  # the lock was released
+    assert len(results(svc)) == 2
+
+
+def test_cancel_while_waiting_for_the_device(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    svc._lock.acquire()  # another run holds the device
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Cancelled, match="before it started"):
+            svc.generate(image, steps=2, cancel=cancel)
+    finally:
+        svc._lock.release()
+    assert time.monotonic() - started < 2 and fake.calls == []
+
+
+def test_one_generation_at_a_time(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    active, peak = [0], [0]
+    real = fake.__call__
+
+    def slow(*args, **kwargs):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    service_mod.run_synthesis = slow
+    try:
+        threads = [threading.Thread(target=svc.generate, args=(image,), kwargs=dict(steps=1, seed=i))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        service_mod.run_synthesis = fake
+    assert peak[0] == 1 and len(results(svc)) == 8
+
+
+def test_out_of_memory_gives_advice_and_the_next_run_works(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path, fault=parse_fault("oom@step2"))
+    with pytest.raises(OutOfMemory) as err:
+        svc.compare(image, steps=5, seed=1)
+    message = str(err.value)
+    assert message.startswith("out of memory on cpu at step 2 of the tiny model")
+    assert "fewer steps" in message and "smaller model" in message
+    assert err.value.__traceback__ is not None and err.value.__context__ is None  # tensors not held
+    assert results(svc) == []
+    svc.compare(image, steps=5, seed=1)  # the fault fired once, like a transient failure
+    assert len(results(svc)) == 4
+
+
+def test_host_memory_error_is_reported_the_same_way(tmp_path, fake, image):
+    fake.raise_for["fixed"] = MemoryError()
+    with pytest.raises(OutOfMemory, match="^out of memory on cpu"):
+        Service(stub_model(), output_dir=tmp_path).generate(image, steps=2)
+
+
+def test_writer_failure_leaves_no_partial_file(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path, fault=parse_fault("writer@frame2"))
+    with pytest.raises(RunFailed, match=r"^internal error while writing the video \(InjectedFault\)"):
+        svc.generate(image, steps=2, seed=1)
+    assert results(svc) == []
+    svc.generate(image, steps=2, seed=1)
+    assert len(results(svc)) == 2
+
+
+def test_writer_failure_in_the_second_video_removes_the_first(tmp_path, fake, image):
+    class FailOnFrameCall:
+        """Fails the n-th frame written in this process: n = 6 is frame 2 of compare's second video."""
+
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def at_step(self, step):
+            pass
+
+        def at_frame(self, frame):
+            self.calls += 1
+            if self.calls == self.n:
+                raise RuntimeError("disk full")
+
+    svc = Service(stub_model(), output_dir=tmp_path, fault=FailOnFrameCall(6))
+    with pytest.raises(RunFailed, match="writing the video"):
+        svc.compare(image, steps=2, seed=1)
+    assert svc.fault.calls == 6 and results(svc) == []  # the finished stock mp4 and JSON were removed too
+
+
+def test_raise_fault_inside_the_sampler(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path, fault=parse_fault("raise@step2"))
+    with pytest.raises(RunFailed, match=r"^internal error while sampling with the stock sampler \(InjectedFault\)"):
+        svc.generate(image, steps=3, sampler="stock")  # not mistaken for a stock crash
+    svc.generate(image, steps=3, sampler="stock")
+    assert len(results(svc)) == 2
+
+
+def test_fault_spec_is_checked():
+    assert parse_fault(None) is None and parse_fault("") is None
+    plan = parse_fault("raise@step2, oom@step3,writer@frame1")
+    assert [str(f) for f in plan.armed] == ["raise@step2", "oom@step3", "writer@frame1"]
+    for bad in ("oom@frame2", "oom@step0", "boom@step1", "oom"):
+        with pytest.raises(ValueError, match="DC_APP_FAULT"):
+            parse_fault(bad)
+
+
+# ------------------------------------------------------------------------------------------- storage
+
+
+def test_storage_sweeps_by_age_and_size(tmp_path):
+    store = OutputStore(tmp_path, max_bytes=2500, max_age_s=2 * 3600)
+    now = time.time()
+    files = {}
+    for name, age, size in [("old.mp4", 3 * 3600, 10), ("a.mp4", 1800, 1000), ("b.mp4", 600, 1000),
+                            ("c.mp4", 60, 1000), (".x.partial.mp4", 3600, 10), (".y.partial.mp4", 5, 10)]:
+        p = store.dir / name
+        p.write_bytes(b"0" * size)
+        import os
+
+        os.utime(p, (now - age, now - age))
+        files[name] = p
+    removed = {p.name for p in store.sweep(now)}
+    # expired, a stale temp file, then the oldest result to get under 2500 bytes; a fresh temp file stays
+    assert removed == {"old.mp4", ".x.partial.mp4", "a.mp4"}
+    assert sorted(p.name for p in store.dir.iterdir()) == [".y.partial.mp4", "b.mp4", "c.mp4"]
+    with pytest.raises(ValueError, match="at least 3600"):
+        OutputStore(tmp_path, max_age_s=MIN_KEEP_S - 1)
+
+
+def test_new_paths_are_unique_and_inside(tmp_path):
+    store = OutputStore(tmp_path)
+    paths = {store.new_paths("fixed")[0] for _ in range(100)}
+    assert len(paths) == 100 and all(p.parent == store.dir for p in paths)
+
+
+# --------------------------------------------------------------------------------- the real tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_service(tmp_path_factory):
+    from dc_app import load_pretrained
+
+    return Service(load_pretrained("tiny", device="cpu"), output_dir=tmp_path_factory.mktemp("tiny"))
+
+
+def test_tiny_generate_end_to_end(tiny_service, image):
+    video, report, seed = tiny_service.generate(image, prompt="a red square", steps=1, seed=7)
+    frames = iio.imread(video)
+    assert frames.shape == (4, 64, 64, 3) and frames.std() > 1
+    assert report.startswith("fixed: finite (") and seed == 7
+    again, _, _ = tiny_service.generate(image, prompt="a red square", steps=1, seed=7)
+    other, _, _ = tiny_service.generate(image, prompt="a red square", steps=1, seed=8)
+    assert (iio.imread(again).astype(int) - frames).__abs__().max() <= 1  # same seed: same video
+    assert (iio.imread(other).astype(int) - frames).__abs__().mean() > 1
+
+
+def test_tiny_cancel_and_oom_inside_the_real_sampler(tiny_service, image):
+    cancel = threading.Event()
+    steps_seen = []
+
+    def progress(step, total, label):
+        steps_seen.append(step)
+        if step == 2:
+            cancel.set()
+
+    before = results(tiny_service)
+    with pytest.raises(Cancelled, match="^cancelled at step 2 of 20$"):
+        tiny_service.generate(image, steps=20, seed=1, progress=progress, cancel=cancel)
+    assert steps_seen == [1, 2]
+    tiny_service.fault = parse_fault("oom@step2")
+    try:
+        with pytest.raises(OutOfMemory, match="fewer steps"):
+            tiny_service.generate(image, steps=3, seed=1)
+    finally:
+        tiny_service.fault = None
+    assert results(tiny_service) == before
+
+
+def test_tiny_interpolation_and_loop_through_the_real_pipeline(tiny_service, image, tmp_path):
+    # The tiny model is not an interpolation model; its defaults are switched so the service's interp path and
+    # the pipeline's first-and-last-frame conditioning run for real.
+    from dataclasses import replace
+
+    svc = Service(tiny_service.model, output_dir=tmp_path)
+    svc.defaults = replace(svc.defaults, interp=True)
+    blue = str(tmp_path / "blue.png")
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(blue)
+    video, report, seed = svc.interpolate(image, blue, prompt="red to blue", steps=1, seed=3)
+    assert iio.imread(video).shape == (4, 64, 64, 3) and report.startswith("fixed: finite") and seed == 3
+    record = json.loads(open(Service.sidecar_of(video)).read())
+    assert (record["interp"], record["loop"]) == (True, False)
+    video, _, _ = svc.interpolate(image, None, steps=1, seed=3)
+    assert json.loads(open(Service.sidecar_of(video)).read())["loop"] is True
