@@ -1,0 +1,238 @@
+"""Command line: `python -m dc_app generate ...` for one image, `python -m dc_app batch ...` for many.
+
+Both call the same `dc_app.service.Service` methods as the Gradio UI and API, so a video made here has the same
+validation, report and JSON sidecar as one made in the browser.
+
+For several GPUs, start one process per GPU with torchrun; each process takes the batch items
+`RANK::WORLD_SIZE` (environment variables set by torchrun) and runs on GPU `LOCAL_RANK`:
+
+    torchrun --nproc_per_node=4 -m dc_app batch --input prompts.csv --out-dir outputs/batch --model 1024
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .config import MODEL_NAMES, TIMESTEP_SPACINGS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SAMPLERS = ("fixed", "stock")  # dc_app.pipeline.SAMPLERS, repeated here so --help needs no torch
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by generate and batch. None means: the model's own default (see README's model table)."""
+    p.add_argument("--model", default="512", choices=MODEL_NAMES, help="checkpoint to use (default: 512)")
+    p.add_argument("--steps", type=int, help="DDIM steps, 1-1000 (default: 50)")
+    p.add_argument("--eta", type=float, help="DDIM eta, 0-1 (default: 1.0)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 1-15 (default: 7.5)")
+    p.add_argument("--fs", type=int, help="frame stride (256) or fps conditioning (others), in the model's range")
+    p.add_argument("--seed", type=int, default=-1, help="0..2^32-1, or -1 for a random seed (default)")
+    p.add_argument("--guidance-rescale", type=float, help="0-1 (default: 0.7; 0 for the 256 model)")
+    p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, help="DDIM timestep spacing")
+    p.add_argument("--sampler", default="fixed", choices=SAMPLERS,
+                   help="fixed (never NaN, default) or stock (upstream's arithmetic, failures included)")
+    p.add_argument("--compare", action="store_true",
+                   help="run stock and fixed on the same seed; the stock video goes to <out>.stock.mp4")
+    p.add_argument("--perframe-ae", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the VAE one frame at a time (less memory; default: the model's setting)")
+    p.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available; cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--dtype", choices=DTYPES, help="model precision (default: fp32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dc_app", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="one image (or two, with 512_interp) -> one mp4 and its JSON")
+    gen.add_argument("--image", required=True, type=Path, help="input image")
+    gen.add_argument("--image2", type=Path,
+                     help="512_interp: the last frame (without it, 512_interp makes a loop back to --image)")
+    gen.add_argument("--prompt", default="", help="what should move, and how")
+    gen.add_argument("--out", required=True, type=Path, help="output mp4; the JSON goes next to it (.json)")
+    _sampling_options(gen)
+
+    batch = sub.add_parser("batch", help="a folder of images or a CSV of image,prompt rows -> one mp4 each")
+    batch.add_argument("--input", required=True, type=Path,
+                       help="folder of images (same-name .txt = prompt) or CSV with image,prompt[,image2] columns")
+    batch.add_argument("--out-dir", required=True, type=Path, help="folder for <image name>.mp4 and .json")
+    _sampling_options(batch)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ batch input
+@dataclass(frozen=True)
+class Item:
+    name: str                  # output file stem, unique within the batch
+    image: Path
+    prompt: str
+    image2: Path | None = None
+
+
+def read_items(source: Path) -> list[Item]:
+    """The batch, in a fixed order (every rank must see the same list): folder in name order, CSV in row order."""
+    if source.is_dir():
+        rows = []
+        for image in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            text = image.with_suffix(".txt")
+            rows.append((image, text.read_text(encoding="utf-8").strip() if text.is_file() else "", None))
+    elif source.is_file() and source.suffix.lower() == ".csv":
+        with source.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "image" not in reader.fieldnames:
+                raise SystemExit(f"{source}: a CSV needs a header with an 'image' column (and 'prompt', 'image2')")
+            rows = []
+            for row in reader:
+                image2 = (row.get("image2") or "").strip()
+                rows.append((source.parent / row["image"].strip(), (row.get("prompt") or "").strip(),
+                             source.parent / image2 if image2 else None))
+    else:
+        raise SystemExit(f"--input {source}: expected a folder of images or a .csv file")
+    items, used = [], set()
+    for image, prompt, image2 in rows:
+        name, n = image.stem, 1
+        while name in used:  # a.png and a.jpg, or one image with several prompts
+            n += 1
+            name = f"{image.stem}-{n}"
+        used.add(name)
+        items.append(Item(name, image, prompt, image2))
+    return items
+
+
+def shard(items: Sequence[Item], env=os.environ) -> list[Item]:
+    """This process's share under torchrun: items RANK, RANK + WORLD_SIZE, ... (all of them without torchrun)."""
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise SystemExit(f"RANK={rank} WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    return list(items[rank::world])
+
+
+# ------------------------------------------------------------------------------------------------ running
+def default_device(env=os.environ) -> str | None:
+    """cuda:LOCAL_RANK under torchrun with GPUs, else None (load_pretrained picks cuda or cpu)."""
+    if "LOCAL_RANK" in env:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(env['LOCAL_RANK'])}"
+    return None
+
+
+class StepBar:
+    """The service's progress(step, total, label) calls as a tqdm bar, a new bar per sampler run."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix, self.bar, self.label = prefix, None, None
+
+    def __call__(self, step: int, total: int, label: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or label != self.label or total != self.bar.total:
+            self.close()
+            self.bar = tqdm(total=total, desc=f"{self.prefix}{label}", unit="step", leave=False)
+            self.label = label
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _settings(args) -> dict:
+    """The service's keyword arguments that the command line sets; unset ones keep the model's defaults."""
+    values = dict(steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, fs=args.fs, seed=args.seed,
+                  guidance_rescale=args.guidance_rescale, timestep_spacing=args.timestep_spacing,
+                  perframe_ae=args.perframe_ae)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _move_result(video: str, dest: Path) -> Path:
+    """Move a result mp4 and its JSON sidecar from the service's folder to `dest` (.mp4) and `dest`.json."""
+    from .service import Service
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(video, dest)
+    shutil.move(Service.sidecar_of(video), dest.with_suffix(".json"))
+    return dest
+
+
+def run_one(service, item: Item, out: Path, args, progress) -> tuple[list[Path], str]:
+    """One item through the service -> (written mp4 paths, report). Raises the service's UserFacingError."""
+    settings = _settings(args)
+    if service.is_interp_model:
+        if args.compare:
+            raise SystemExit("--compare is for image-to-video models; 512_interp has no stock/fixed compare")
+        video, report, _seed = service.interpolate(str(item.image), str(item.image2) if item.image2 else None,
+                                                   prompt=item.prompt, sampler=args.sampler, progress=progress,
+                                                   **settings)
+        return [_move_result(video, out)], report
+    if item.image2 is not None:
+        raise SystemExit(f"--image2 needs --model 512_interp (the {service.model_name} model takes one image)")
+    if args.compare:
+        stock, fixed, report = service.compare(str(item.image), prompt=item.prompt, progress=progress, **settings)
+        written = [_move_result(fixed, out)]
+        if stock is not None:
+            written.append(_move_result(stock, out.with_suffix(".stock.mp4")))
+        return written, report
+    video, report, _seed = service.generate(str(item.image), prompt=item.prompt, sampler=args.sampler,
+                                            progress=progress, **settings)
+    return [_move_result(video, out)], report
+
+
+def open_service(args, work_dir: Path):
+    """Load the model and wrap it in the Service the UI uses; results land in `work_dir` first."""
+    from . import load_pretrained
+    from .service import Service
+
+    model = load_pretrained(args.model, device=args.device or default_device(), dtype=args.dtype)
+    return Service(model, output_dir=work_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .validation import UserFacingError
+
+    if args.command == "generate":
+        if args.out.suffix.lower() != ".mp4":
+            raise SystemExit(f"--out {args.out}: expected a file name ending in .mp4")
+        items, out_dir = [Item(args.out.stem, args.image, args.prompt, args.image2)], args.out.parent
+        targets = {args.out.stem: args.out}
+    else:
+        items, out_dir = shard(read_items(args.input)), args.out_dir
+        targets = {item.name: args.out_dir / f"{item.name}.mp4" for item in items}
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from tqdm import tqdm
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    prefix = f"[rank {os.environ.get('RANK', 0)}] " if world > 1 else ""
+    failures = 0
+    # The service writes into a private folder beside the outputs (same file system: moves are renames).
+    with tempfile.TemporaryDirectory(prefix=".dc_app-", dir=out_dir) as work:
+        service = open_service(args, Path(work))
+        bar = StepBar(prefix)
+        for item in tqdm(items, desc=f"{prefix}batch", unit="video", disable=args.command == "generate"):
+            try:
+                written, report = run_one(service, item, targets[item.name], args, bar)
+            except UserFacingError as err:
+                failures += 1
+                print(f"{prefix}{item.image}: {err}", file=sys.stderr)
+                continue
+            finally:
+                bar.close()
+            print("\n".join([f"{prefix}{p}" for p in written] + [report]))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""`python -m dc_app generate|batch` on the tiny model: real processes, real mp4 files, real sidecars."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from dc_app.__main__ import Item, build_parser, main, read_items, shard
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+TINY_FRAMES, TINY_SIZE = 4, (64, 64)  # dc_app/configs/tiny.yaml: temporal_length 4, latent 8x8 -> 64x64 pixels
+
+
+def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "dc_app", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def read_video(path: Path) -> np.ndarray:
+    return iio.imread(path, index=None, plugin="FFMPEG")  # (frames, H, W, 3) uint8
+
+
+def image_folder(tmp_path: Path, names: list[str]) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in names:
+        shutil.copy(ASSETS / f"{name}.jpg", folder / f"{name}.jpg")
+    return folder
+
+
+def test_generate_writes_a_playable_mp4_and_a_sidecar_with_every_setting(tmp_path):
+    out = tmp_path / "nested" / "cat.mp4"
+    proc = run_cli(
+        "generate", "--model", "tiny", "--image", str(ASSETS / "chelsea.jpg"), "--prompt", "a cat turning its head",
+        "--out", str(out), "--steps", "2", "--eta", "0.5", "--cfg-scale", "5", "--fs", "20", "--seed", "123",
+        "--guidance-rescale", "0.3", "--timestep-spacing", "uniform", "--sampler", "fixed",
+    )
+    assert proc.returncode == 0, proc.stderr
+    frames = read_video(out)
+    assert frames.shape == (TINY_FRAMES, *TINY_SIZE, 3)
+    assert frames.std() > 1.0, "a constant video"
+    meta = json.loads(out.with_suffix(".json").read_text())
+    expected = dict(model="tiny", sampler="fixed", prompt="a cat turning its head", seed=123, steps=2, eta=0.5,
+                    cfg_scale=5.0, fs=20, guidance_rescale=0.3, timestep_spacing="uniform")
+    assert {k: meta[k] for k in expected} == expected
+    assert meta["versions"]["dc_app"] and meta["versions"]["torch"]
+    # Only the result and its sidecar are left: the service's working folder is gone.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cat.json", "cat.mp4"]
+    # The progress bar ran to the last step the sampler took, and the report names the seed.
+    n = len(meta["ddim_timesteps"])
+    assert f"{n}/{n}" in proc.stderr
+    assert "seed 123" in proc.stdout
+
+
+def test_generate_compare_writes_black_stock_and_finite_fixed(tmp_path):
+    out = tmp_path / "cmp.mp4"
+    # 7 uniform_trailing steps at eta 1: upstream's sqrt(1 - a_prev - sigma^2) is NaN at the first step.
+    proc = run_cli("generate", "--model", "tiny", "--image", str(ASSETS / "coffee.jpg"), "--out", str(out),
+                   "--steps", "7", "--eta", "1", "--timestep-spacing", "uniform_trailing", "--seed", "5", "--compare")
+    assert proc.returncode == 0, proc.stderr
+    stock, fixed = read_video(tmp_path / "cmp.stock.mp4"), read_video(out)
+    assert stock.max() == 0, "stock NaN frames are rendered black"
+    assert fixed.std() > 1.0
+    assert json.loads((tmp_path / "cmp.stock.json").read_text())["sampler"] == "stock"
+    assert json.loads((tmp_path / "cmp.json").read_text())["sampler"] == "fixed"
+    assert "NaN from step 1 of 7" in proc.stdout
+
+
+def test_batch_over_a_folder_writes_one_result_per_image(tmp_path):
+    folder = image_folder(tmp_path, ["chelsea", "coffee"])
+    (folder / "coffee.txt").write_text("steam rising\n")
+    out_dir = tmp_path / "out"
+    proc = run_cli("batch", "--model", "tiny", "--input", str(folder), "--out-dir", str(out_dir),
+                   "--steps", "2", "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["chelsea.json", "chelsea.mp4", "coffee.json", "coffee.mp4"]
+    for name, prompt in (("chelsea", ""), ("coffee", "steam rising")):
+        assert read_video(out_dir / f"{name}.mp4").shape[0] == TINY_FRAMES
+        meta = json.loads((out_dir / f"{name}.json").read_text())
+        assert (meta["prompt"], meta["seed"], meta["steps"]) == (prompt, 7, 2)
+
+
+def test_batch_under_torchrun_env_runs_only_its_shard(tmp_path):
+    folder = image_folder(tmp_path, ["astronaut", "chelsea", "coffee"])
+    out_dir = tmp_path / "out"
+    proc = run_cli("batch", "--model", "tiny", "--input", str(folder), "--out-dir", str(out_dir), "--steps", "1",
+                   env_extra={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert proc.returncode == 0, proc.stderr
+    # Sorted names: astronaut (0), chelsea (1), coffee (2); rank 1 of 2 takes item 1 only.
+    assert sorted(p.name for p in out_dir.iterdir()) == ["chelsea.json", "chelsea.mp4"]
+
+
+def test_shard_splits_rank_stride():
+    items = [Item(str(i), Path(f"{i}.png"), "") for i in range(7)]
+    picked = {r: [it.name for it in shard(items, {"RANK": str(r), "WORLD_SIZE": "3"})] for r in range(3)}
+    assert picked == {0: ["0", "3", "6"], 1: ["1", "4"], 2: ["2", "5"]}
+    assert [it.name for it in shard(items, {})] == [str(i) for i in range(7)]
+    with pytest.raises(SystemExit):
+        shard(items, {"RANK": "3", "WORLD_SIZE": "3"})
+
+
+def test_read_items_from_csv_resolves_paths_and_deduplicates_names(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text('image,prompt,image2\nimgs/a.png,"wind, then rain",\nimgs/a.png,waves,imgs/b.png\n')
+    items = read_items(csv_file)
+    assert items == [
+        Item("a", tmp_path / "imgs" / "a.png", "wind, then rain", None),
+        Item("a-2", tmp_path / "imgs" / "a.png", "waves", tmp_path / "imgs" / "b.png"),
+    ]
+
+
+def test_read_items_from_folder_skips_non_images_and_reads_prompts(tmp_path):
+    for name in ("b.png", "a.JPG", "notes.md", "a.txt"):
+        (tmp_path / name).write_text("a breeze" if name == "a.txt" else "")
+    items = read_items(tmp_path)
+    assert [(it.name, it.image.name, it.prompt) for it in items] == [("a", "a.JPG", "a breeze"), ("b", "b.png", "")]
+
+
+def test_invalid_settings_get_the_service_message_and_fail(tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    code = main(["generate", "--model", "tiny", "--image", str(ASSETS / "coffee.jpg"), "--out", str(out),
+                 "--steps", "0"])
+    assert code == 1
+    assert "steps: expected a whole number from 1 to 1000, got 0" in capsys.readouterr().err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "nothing left behind, not even the working folder"
+
+
+def test_image2_needs_the_interpolation_model(tmp_path):
+    with pytest.raises(SystemExit, match="--image2 needs --model 512_interp"):
+        main(["generate", "--model", "tiny", "--image", str(ASSETS / "coffee.jpg"),
+              "--image2", str(ASSETS / "chelsea.jpg"), "--out", str(tmp_path / "x.mp4")])
+
+
+def test_parser_leaves_unset_settings_to_the_model():
+    args = build_parser().parse_args(["generate", "--image", "a.png", "--out", "a.mp4"])
+    assert (args.model, args.sampler, args.seed, args.compare) == ("512", "fixed", -1, False)
+    assert args.steps is args.eta is args.cfg_scale is args.fs is args.guidance_rescale is None
+    assert args.timestep_spacing is args.perframe_ae is args.device is args.dtype is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--image", "a.png", "--out", "a.mp4", "--sampler", "Fixed"])
+
+
+def test_batch_goes_on_after_a_bad_item_and_reports_it(tmp_path, capsys):
+    folder = image_folder(tmp_path, ["coffee"])
+    (folder / "broken.png").write_bytes(b"not an image")
+    out_dir = tmp_path / "out"
+    code = main(["batch", "--model", "tiny", "--input", str(folder), "--out-dir", str(out_dir), "--steps", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "coffee.jpg" not in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["coffee.json", "coffee.mp4"]
