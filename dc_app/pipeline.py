@@ -151,10 +151,7 @@ def image_guided_synthesis(model, prompts, videos, noise_shape, n_samples=1, ddi
                            interp=False, timestep_spacing="uniform", guidance_rescale=0.0, *, x_T=None,
                            variance_noise=None, posterior_noise=None, generator=None, callback=None):
     """Upstream's pipeline with upstream's (stock) DDIM sampler -> (b, n_samples, 3, t, H, W)."""
-    return run_synthesis(model, "stock", prompts, videos, noise_shape, n_samples, ddim_steps, ddim_eta,
-                         unconditional_guidance_scale, cfg_img, fs, text_input, loop, interp, timestep_spacing,
-                         guidance_rescale, x_T=x_T, variance_noise=variance_noise, posterior_noise=posterior_noise,
-                         generator=generator, callback=callback).videos
+    return run_synthesis(sampler="stock", **locals()).videos
 
 
 def image_guided_synthesis_fixed(model, prompts, videos, noise_shape, n_samples=1, ddim_steps=50, ddim_eta=1.0,
@@ -162,7 +159,4 @@ def image_guided_synthesis_fixed(model, prompts, videos, noise_shape, n_samples=
                                  loop=False, interp=False, timestep_spacing="uniform", guidance_rescale=0.0, *,
                                  x_T=None, variance_noise=None, posterior_noise=None, generator=None, callback=None):
     """The same pipeline with the fixed DDIM sampler: finite for every setting."""
-    return run_synthesis(model, "fixed", prompts, videos, noise_shape, n_samples, ddim_steps, ddim_eta,
-                         unconditional_guidance_scale, cfg_img, fs, text_input, loop, interp, timestep_spacing,
-                         guidance_rescale, x_T=x_T, variance_noise=variance_noise, posterior_noise=posterior_noise,
-                         generator=generator, callback=callback).videos
+    return run_synthesis(sampler="fixed", **locals()).videos

@@ -108,7 +108,7 @@ FAILING = [
     ("eps", "uniform", 9, 1.0, "crash"),
     ("eps", "uniform", 27, 0.0, "crash"),
     ("eps", "uniform_trailing", 61, 1.0, "nan"),     # eps model: NaN from the -1 timestep, no crash
-    ("eps", "uniform_trailing", 103, 0.0, "nan"),
+    ("eps", "uniform_trailing", 61, 0.0, "nan"),      # eta 0 too: NaN sigma at the -1 timestep
     ("v", "uniform", 7, 1.0, "finite"),              # runs 8 steps, finite: fixed must equal stock
     ("eps", "uniform_trailing", 7, 1.0, "finite"),   # plain schedule: no zero-SNR NaN
 ]
