@@ -8,8 +8,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Non-root user with uid 1000, as Docker Spaces expect.
-# The user owns its working directory, so CLI runs inside the container can write there. (The app itself
-# writes results under /tmp/dc_app, or $DC_APP_OUTPUT_DIR.)
+# The user owns its working directory, so CLI runs inside the container can write their --out files there. The
+# app itself writes its videos, their JSON and Gradio's uploads under /tmp/dc_app (videos in /tmp/dc_app/results),
+# or under $DC_APP_OUTPUT_DIR (else $GRADIO_TEMP_DIR) when set; they are temporary (deleted after 2 hours), so
+# they need no volume.
 RUN useradd --create-home --uid 1000 --shell /bin/bash user \
     && mkdir /home/user/app \
     && chown 1000:1000 /home/user/app

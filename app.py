@@ -1,7 +1,10 @@
-"""dc_app's web app: `python app.py [--model 512] [--device cuda] [--dtype fp16] [--host 127.0.0.1] [--port 7860]`.
+"""dc_app's web app: `python app.py [--model 512] [--device cuda] [--dtype bf16] [--host 127.0.0.1] [--port 7860]`.
 
-Options fall back to DC_APP_MODEL, DC_APP_DEVICE, DC_APP_DTYPE, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
-(Spaces and Docker set the last two). The model loads when this module is imported, as ZeroGPU requires.
+Options fall back to DC_APP_MODEL, DC_APP_DEVICE, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (Spaces and Docker
+set the last two); the performance options (--dtype, --vae-dtype, --offload, --decode-chunk-size, --cfg-mode,
+--compile, shared with the CLI in dc_app.options) to DC_APP_DTYPE, DC_APP_VAE_DTYPE, DC_APP_OFFLOAD,
+DC_APP_DECODE_CHUNK_SIZE, DC_APP_CFG_MODE and DC_APP_COMPILE. The model loads when this module is imported, as
+ZeroGPU requires.
 """
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import sys
 from pathlib import Path
 
 from dc_app.config import MODEL_NAMES
+from dc_app.options import add_performance_options, check_performance_options, describe, model_options, \
+    service_options
 from dc_app.storage import default_root
 
-DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 QUEUE_SIZE = 16      # waiting requests; one more gets Gradio's "queue is full" answer
 
 
@@ -24,17 +28,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default=env.get("DC_APP_MODEL", "512"), help=f"one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--device", default=env.get("DC_APP_DEVICE") or None,
                    help="cuda, cuda:1, cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=env.get("DC_APP_DTYPE") or None, help=f"one of {', '.join(DTYPE_CHOICES)}")
     p.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="open a public gradio.live link (off by default)")
+    add_performance_options(p, env)
     args = p.parse_args(argv)
     # Environment values skip argparse's `choices` check; check both forms the same way.
     if args.model not in MODEL_NAMES:
         p.error(f"--model/DC_APP_MODEL: expected one of {', '.join(MODEL_NAMES)}, got {args.model!r}")
-    if args.dtype is not None and args.dtype not in DTYPE_CHOICES:
-        p.error(f"--dtype/DC_APP_DTYPE: expected one of {', '.join(DTYPE_CHOICES)}, got {args.dtype!r}")
+    check_performance_options(p, args)
     return args
 
 
@@ -48,7 +51,7 @@ ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 logging.getLogger("dc_app").setLevel(logging.INFO)  # one line per cancelled run, full tracebacks of failures
 
-from dc_app import load_pretrained  # noqa: E402  (after GRADIO_TEMP_DIR)
+from dc_app import load_for_serving  # noqa: E402  (after GRADIO_TEMP_DIR)
 from dc_app.faults import fault_from_env  # noqa: E402
 from dc_app.images import MAX_FILE_BYTES  # noqa: E402
 from dc_app.service import Service  # noqa: E402
@@ -58,9 +61,9 @@ FAULTS = fault_from_env()  # read once, before the slow part: a typo stops the s
 # Spaces and Docker show this log while the page is not up yet: say what the wait is.
 WHY = "seeded random weights, no download" if ARGS.model == "tiny" else \
     "the first start downloads its checkpoint, several GB, into the Hugging Face cache"
-print(f"dc_app: loading the {ARGS.model} model ({WHY})...", file=sys.stderr, flush=True)
-MODEL = load_pretrained(ARGS.model, device=ARGS.device, dtype=ARGS.dtype)
-SERVICE = Service(MODEL, output_dir=OUTPUT_ROOT, fault=FAULTS)
+print(f"dc_app: loading the {ARGS.model} model ({WHY}; {describe(ARGS)})...", file=sys.stderr, flush=True)
+MODEL = load_for_serving(ARGS.model, device=ARGS.device, **model_options(ARGS))
+SERVICE = Service(MODEL, output_dir=OUTPUT_ROOT, fault=FAULTS, **service_options(ARGS))
 demo = build_demo(SERVICE)
 demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
 

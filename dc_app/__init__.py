@@ -2,7 +2,7 @@
 
 Public API::
 
-    from dc_app import load_model_config, build_model, load_pretrained
+    from dc_app import load_model_config, build_model, load_pretrained, load_for_serving
 """
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ __version__ = "0.1.0"
 
 from .config import load_model_config
 
-__all__ = ["load_model_config", "build_model", "load_pretrained", "__version__"]
+__all__ = ["load_model_config", "build_model", "load_pretrained", "load_for_serving", "__version__"]
 
 
 def __getattr__(name):
     # torch and the model code load only when a model is asked for (keeps `python -m dc_app --help` quick).
-    if name in ("build_model", "load_pretrained"):
+    if name in ("build_model", "load_pretrained", "load_for_serving"):
         from . import loading
 
         return getattr(loading, name)

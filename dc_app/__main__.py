@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import MODEL_NAMES, TIMESTEP_SPACINGS
+from .options import add_performance_options, model_options, service_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SAMPLERS = ("fixed", "stock")  # dc_app.pipeline.SAMPLERS, repeated here so --help needs no torch
-DTYPES = ("fp32", "fp16", "bf16")
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -45,7 +45,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--perframe-ae", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the VAE one frame at a time (less memory; default: the model's setting)")
     p.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available; cuda:LOCAL_RANK under torchrun)")
-    p.add_argument("--dtype", choices=DTYPES, help="model precision (default: fp32)")
+    add_performance_options(p)  # the app's --dtype, --vae-dtype, --offload, ... (dc_app.options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +118,7 @@ def shard(items: Sequence[Item], env=os.environ) -> list[Item]:
 
 # ------------------------------------------------------------------------------------------------ running
 def default_device(env=os.environ) -> str | None:
-    """cuda:LOCAL_RANK under torchrun with GPUs, else None (load_pretrained picks cuda or cpu)."""
+    """cuda:LOCAL_RANK under torchrun with GPUs, else None (load_for_serving picks cuda or cpu)."""
     if "LOCAL_RANK" in env:
         import torch
 
@@ -141,6 +141,9 @@ class StepBar:
             self.bar = tqdm(total=total, desc=f"{self.prefix}{label}", unit="step", leave=False)
             self.label = label
         self.bar.update(step - self.bar.n)
+        if step == total:
+            # tqdm redraws at most every 0.1 s; steps faster than that would leave the bar short of its end.
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -191,11 +194,11 @@ def run_one(service, item: Item, out: Path, args, progress) -> tuple[list[Path],
 
 def open_service(args, work_dir: Path):
     """Load the model and wrap it in the Service the UI uses; results land in `work_dir` first."""
-    from . import load_pretrained
+    from .loading import load_for_serving
     from .service import Service
 
-    model = load_pretrained(args.model, device=args.device or default_device(), dtype=args.dtype)
-    return Service(model, output_dir=work_dir)
+    model = load_for_serving(args.model, device=args.device or default_device(), **model_options(args))
+    return Service(model, output_dir=work_dir, **service_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,6 @@
 """Build a DynamiCrafter model from a config and fill it with official (or seeded random) weights."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Union
 
@@ -10,6 +9,7 @@ from omegaconf import DictConfig
 
 from .checkpoints import check_keys, read_checkpoint, resolve_checkpoint
 from .config import load_model_config, model_defaults
+from .options import OFFLOAD_MODES
 
 TINY_SEED = 0
 
@@ -25,6 +25,11 @@ def parse_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16': the spelling --dtype takes, so a sidecar's value can be passed back."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def default_device() -> torch.device:
@@ -81,3 +86,52 @@ def load_pretrained(
     if dtype != torch.float32 or vae_dtype is not None:
         model.set_dtype(dtype, parse_dtype(vae_dtype))
     return model.eval().requires_grad_(False)
+
+
+def load_for_serving(
+    name: Union[str, Path] = "512",
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    vae_dtype: Union[str, torch.dtype, None] = "fp32",
+    offload: str = "none",
+    compile: bool = False,
+    checkpoint: Union[str, Path, None] = None,
+):
+    """The model as app.py and `python -m dc_app` serve it, every performance option applied here and only here.
+
+    `dtype`: the UNet, CLIP and Resampler; `vae_dtype`: the VAE (float32 unless asked: fp16 VAE decode is a
+    known cause of black videos). The schedule buffers stay float32 whatever the precision.
+    `offload`: "none"; "encoders" keeps the text and image encoders in CPU RAM, on the device only while they run
+    (once per request); "all" does the same with the VAE. `compile`: torch.compile the UNet.
+    """
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload {offload!r}: expected one of {', '.join(OFFLOAD_MODES)}")
+    device = torch.device(device) if device is not None else default_device()
+    # Cast on the CPU, then move: the device never holds a float32 copy of half-precision weights, and the
+    # offloaded parts never reach it at all (the load's peak is then the serving peak, not above it).
+    model = load_pretrained(name, device="cpu", dtype=dtype, checkpoint=checkpoint, vae_dtype=vae_dtype)
+    if offload != "none":
+        model.enable_offload(vae=offload == "all")
+    _place(model, device, keep_on_cpu=model.offloaded)
+    if compile:
+        model.compile_unet()
+    return model
+
+
+def offload_mode(model) -> str:
+    """What `load_for_serving(offload=...)` (or `enable_offload`) set on `model`: none, encoders or all."""
+    parts = frozenset(getattr(model, "offloaded", ()))
+    if not parts:
+        return "none"
+    return "all" if "first_stage_model" in parts else "encoders"
+
+
+def _place(model, device: torch.device, keep_on_cpu: frozenset) -> None:
+    """`model.to(device)`, except the parts named in `keep_on_cpu`."""
+    if next(model.parameters(recurse=False), None) is not None:
+        raise ValueError("the model has parameters of its own; _place moves only its parts and buffers")
+    for part_name, part in model.named_children():
+        part.to("cpu" if part_name in keep_on_cpu else device)
+    # The schedule buffers live on the model itself; model.device is where they are.
+    for buffer_name, buffer in list(model.named_buffers(recurse=False)):
+        setattr(model, buffer_name, buffer.to(device))

@@ -12,7 +12,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +22,8 @@ import torch
 from .config import TIMESTEP_SPACINGS
 from .faults import FaultPlan, InjectedFault
 from .images import prepare_image
+from .loading import dtype_name, offload_mode
+from .options import CFG_MODES
 from .pipeline import SAMPLERS, run_synthesis
 from .schedule import ddim_timesteps
 from .storage import OutputStore
@@ -74,6 +76,8 @@ class Request:
     guidance_rescale: float
     timestep_spacing: str
     perframe_ae: bool
+    decode_chunk_size: int   # frames the VAE decodes at once: 1 with per-frame decode, else the server's chunk
+    cfg_mode: str            # "batched" or "two-call" (dc_app.options.CFG_MODES)
     notices: tuple[str, ...]
 
 
@@ -93,13 +97,56 @@ def _fmt_num(x: float) -> str:
     return f"{x:g}"
 
 
+class PeakMemory:
+    """Peak memory torch allocated on a CUDA device during a `with` block; `bytes` stays None elsewhere.
+
+    A CPU run has no VRAM figure, and none is made up for it. The counter is the device's, not the block's:
+    one generation per device at a time (the service's lock) is what makes it this run's peak.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.device.type == "cuda":
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+        return False
+
+
+def run_note(seconds: float, peak_bytes: int | None) -> str:
+    """'(12.3 s)', or '(12.3 s, peak VRAM 9.87 GiB)' when the run was measured on a GPU."""
+    if peak_bytes is None:
+        return f"({seconds:.1f} s)"
+    return f"({seconds:.1f} s, peak VRAM {peak_bytes / 2**30:.2f} GiB)"
+
+
 class Service:
     """Generation jobs on one loaded model; one job at a time per instance (one instance per device)."""
 
     def __init__(self, model, output_dir: Path | str | None = None, fault: FaultPlan | None = None,
-                 store: OutputStore | None = None, fps: int | None = None):
+                 store: OutputStore | None = None, fps: int | None = None, decode_chunk_size: int | None = None,
+                 cfg_mode: str = "batched"):
+        """`decode_chunk_size` and `cfg_mode` are the server's settings for every request (app and CLI options
+        --decode-chunk-size and --cfg-mode); None keeps the model's per-frame or all-frames decode."""
+        if cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode {cfg_mode!r}: expected one of {', '.join(CFG_MODES)}")
+        if decode_chunk_size is not None and (isinstance(decode_chunk_size, bool) or int(decode_chunk_size) < 1
+                                              or int(decode_chunk_size) != decode_chunk_size):
+            raise ValueError(f"decode_chunk_size {decode_chunk_size!r}: expected a whole number of frames, 1 or more")
         self.model = model
         self.defaults = model.defaults
+        self.decode_chunk_size = None if decode_chunk_size is None else int(decode_chunk_size)
+        self.cfg_mode = cfg_mode
+        if self.decode_chunk_size is not None:
+            # A chunk chosen for the server replaces the model's per-frame default in every request (and in the
+            # UI's and API's defaults, which read these); a request can still ask for per-frame decode.
+            self.defaults = replace(self.defaults, perframe_ae=self.decode_chunk_size == 1)
         self.model_name = str(model.config.get("name", "custom"))
         self.store = store or OutputStore(output_dir)
         self.store.sweep()  # results left by an earlier process age out like any other
@@ -143,6 +190,8 @@ class Service:
         def given(value, default):
             return default if value is None else value
 
+        perframe_ae = flag("perframe_ae", given(perframe_ae, d.perframe_ae))
+        batched_chunk = min(self.decode_chunk_size or self.frames, self.frames)
         return Request(
             prompt=prompt,
             steps=whole_number("steps", given(steps, d.ddim_steps), *STEPS_RANGE),
@@ -154,7 +203,9 @@ class Service:
                                          *RESCALE_RANGE),
             timestep_spacing=choice("timestep_spacing", given(timestep_spacing, d.timestep_spacing),
                                     TIMESTEP_SPACINGS),
-            perframe_ae=flag("perframe_ae", given(perframe_ae, d.perframe_ae)),
+            perframe_ae=perframe_ae,
+            decode_chunk_size=1 if perframe_ae else batched_chunk,
+            cfg_mode=self.cfg_mode,
             notices=tuple(notices),
         )
 
@@ -302,19 +353,21 @@ class Service:
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled before it started")
         self._stage = f"sampling with the {sampler} sampler"
+        peak = PeakMemory(model.device)
         try:
-            result = run_synthesis(
-                model, sampler, [req.prompt], videos, noise_shape, n_samples=1, ddim_steps=req.steps,
-                ddim_eta=req.eta, unconditional_guidance_scale=req.cfg_scale, fs=req.fs,
-                timestep_spacing=req.timestep_spacing, guidance_rescale=req.guidance_rescale,
-                interp=interp, loop=loop, generator=generator, callback=on_step,
-                decode_chunk_size=1 if req.perframe_ae else self.frames,
-            )
+            with peak:
+                result = run_synthesis(
+                    model, sampler, [req.prompt], videos, noise_shape, n_samples=1, ddim_steps=req.steps,
+                    ddim_eta=req.eta, unconditional_guidance_scale=req.cfg_scale, fs=req.fs,
+                    timestep_spacing=req.timestep_spacing, guidance_rescale=req.guidance_rescale,
+                    interp=interp, loop=loop, generator=generator, callback=on_step,
+                    decode_chunk_size=req.decode_chunk_size, batched_cfg=req.cfg_mode == "batched",
+                )
         except (torch.OutOfMemoryError, MemoryError):
             raise OutOfMemory(
                 f"out of memory on {model.device.type} at step {step_now[0]} of the {self.model_name} model: "
-                f"try VAE per-frame decode, fewer steps, half precision (--dtype fp16) or a smaller model "
-                f"(512 or 256)"
+                f"try VAE per-frame decode, fewer steps, half precision (--dtype fp16), --offload encoders, "
+                f"--cfg-mode two-call or a smaller model (512 or 256)"
             ) from None
         except Cancelled:
             log.info("%s: cancelled at step %d", label, step_now[0])
@@ -326,7 +379,7 @@ class Service:
                 raise
             # Upstream's sampler fails on some settings; that is what the compare view exists to show.
             seconds = time.perf_counter() - started
-            return RunOutcome(sampler, None, None, f"stock: crashed: {err} ({seconds:.1f} s)", seconds)
+            return RunOutcome(sampler, None, None, f"stock: crashed: {err} {run_note(seconds, peak.bytes)}", seconds)
 
         video = result.videos[0, 0]  # 3 t H W
         mp4, sidecar = self.store.new_paths(sampler)
@@ -335,9 +388,9 @@ class Service:
         self._stage = "writing the video"
         write_mp4(video, mp4, fps=self.fps, on_frame=frame_hook)
         seconds = time.perf_counter() - started
-        line = f"{sampler}: {self._health(result, video)} ({seconds:.1f} s)"
+        line = f"{sampler}: {self._health(result, video)} {run_note(seconds, peak.bytes)}"
         written.append(sidecar)
-        write_sidecar(sidecar, self._settings(req, seed, sampler, result, line, seconds, interp, loop))
+        write_sidecar(sidecar, self._settings(req, seed, sampler, result, line, seconds, interp, loop, peak.bytes))
         return RunOutcome(sampler, mp4, sidecar, line, seconds, tuple(result.ddim_timesteps))
 
     def _free_memory(self) -> None:
@@ -393,8 +446,8 @@ class Service:
         return notes
 
     def _settings(self, req: Request, seed: int, sampler: str, result, line: str, seconds: float,
-                  interp: bool, loop: bool) -> dict:
-        return {
+                  interp: bool, loop: bool, peak_vram_bytes: int | None = None) -> dict:
+        record = {
             "model": self.model_name,
             "sampler": sampler,
             "prompt": req.prompt,
@@ -412,9 +465,17 @@ class Service:
             "size": list(self.frame_size),
             "fps": self.fps,
             "device": str(self.model.device),
-            "dtype": str(self.model.dtype).replace("torch.", ""),
+            # Spelled as the options take them (--dtype bf16 ...), so a run can be repeated from its sidecar.
+            "dtype": dtype_name(self.model.dtype),
+            "vae_dtype": dtype_name(self.model.vae_dtype),
+            "offload": offload_mode(self.model),
+            "decode_chunk_size": req.decode_chunk_size,
+            "cfg_mode": req.cfg_mode,
             "ddim_timesteps": result.ddim_timesteps,
             "report": line,
             "seconds": round(seconds, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if peak_vram_bytes is not None:  # CUDA runs only: a CPU run has no VRAM figure
+            record["peak_vram_bytes"] = peak_vram_bytes
+        return record

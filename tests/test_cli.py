@@ -161,3 +161,42 @@ def test_batch_goes_on_after_a_bad_item_and_reports_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.png" in err and "coffee.jpg" not in err
     assert sorted(p.name for p in out_dir.iterdir()) == ["coffee.json", "coffee.mp4"]
+
+
+def test_performance_options_give_a_playable_video_and_are_recorded(tmp_path):
+    out = tmp_path / "fast.mp4"
+    proc = run_cli("generate", "--model", "tiny", "--image", str(ASSETS / "chelsea.jpg"), "--out", str(out),
+                   "--steps", "2", "--seed", "4", "--dtype", "bf16", "--decode-chunk-size", "2",
+                   "--cfg-mode", "two-call", "--offload", "encoders")
+    assert proc.returncode == 0, proc.stderr
+    frames = read_video(out)
+    assert frames.shape == (TINY_FRAMES, *TINY_SIZE, 3) and frames.std() > 1.0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    expected = dict(dtype="bf16", vae_dtype="fp32", decode_chunk_size=2, cfg_mode="two-call", offload="encoders",
+                    perframe_ae=False, device="cpu")
+    assert {k: meta[k] for k in expected} == expected
+    assert "peak_vram_bytes" not in meta and "VRAM" not in proc.stdout  # CPU: no VRAM figure
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--dtype", "fp8", "expected one of fp32, fp16, bf16, got 'fp8'"),
+    ("--vae-dtype", "float16", "expected one of fp32, fp16, bf16, got 'float16'"),
+    ("--offload", "gpu", "expected one of none, encoders, all, got 'gpu'"),
+    ("--decode-chunk-size", "0", "expected a whole number of frames, 1 or more, got '0'"),
+    ("--cfg-mode", "single", "expected one of batched, two-call, got 'single'"),
+])
+def test_bad_performance_values_are_refused_naming_the_option(flag, value, allowed, capsys):
+    for command in (["generate", "--image", "a.png", "--out", "a.mp4"], ["batch", "--input", "x", "--out-dir", "y"]):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([*command, flag, value])
+        assert exit_.value.code == 2
+        assert f"error: argument {flag}: {allowed}" in capsys.readouterr().err
+
+
+def test_performance_defaults():
+    args = build_parser().parse_args(["batch", "--input", "x", "--out-dir", "y"])
+    assert (args.dtype, args.vae_dtype, args.offload, args.decode_chunk_size, args.cfg_mode, args.compile) == \
+        (None, "fp32", "none", None, "batched", False)
+    args = build_parser().parse_args(["batch", "--input", "x", "--out-dir", "y", "--compile", "--decode-chunk-size",
+                                      "3"])
+    assert (args.compile, args.decode_chunk_size) == (True, 3)

@@ -295,6 +295,78 @@ def test_readme_cli_commands_parse():
     assert documented <= options, f"README documents CLI flags that do not exist: {sorted(documented - options)}"
 
 
+# The performance options and their environment forms, as the issue names them (not read from dc_app.options).
+PERFORMANCE_FLAGS = {"--dtype": "DC_APP_DTYPE", "--vae-dtype": "DC_APP_VAE_DTYPE", "--offload": "DC_APP_OFFLOAD",
+                     "--decode-chunk-size": "DC_APP_DECODE_CHUNK_SIZE", "--cfg-mode": "DC_APP_CFG_MODE",
+                     "--compile": "DC_APP_COMPILE"}
+
+
+def cli_help(command: str) -> str:
+    from dc_app.__main__ import build_parser
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return text.getvalue()
+
+
+def test_readme_documents_every_performance_option_for_app_cli_and_environment():
+    app_help = " ".join(subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                                       timeout=120, check=True).stdout.split())
+    rows = {}
+    for line in readme_section("Speed and memory").splitlines():
+        match = re.match(r"\| `(--[\w-]+)[^`]*` \|(.*?)\|(.*?)\|", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), match.group(3))
+    assert set(rows) == set(PERFORMANCE_FLAGS)
+    cli_section = readme_section("Command line")
+    from dc_app.__main__ import build_parser
+
+    defaults = vars(build_parser().parse_args(["batch", "--input", "x", "--out-dir", "y"]))
+    for flag, env in PERFORMANCE_FLAGS.items():
+        values, env_cell = rows[flag]
+        assert f"`{env}" in env_cell, f"the README gives {flag} no {env}"
+        assert env in app_help and flag in app_help, f"app.py --help lacks {flag} / {env}"
+        for command in ("generate", "batch"):
+            assert flag in cli_help(command), f"python -m dc_app {command} has no {flag}"
+        assert f"`{flag}`" in cli_section, f"the README's Command line section does not name {flag}"
+        # Where app.py lists allowed values, the README's table lists the same ones, default first.
+        choices = re.search(rf"{re.escape(flag)} {{([\w,-]+)}}", app_help)
+        if choices:
+            documented = re.findall(r"`([\w-]+)`", values)
+            assert set(documented) == set(choices.group(1).split(",")), (flag, documented)
+            default = defaults[flag[2:].replace("-", "_")] or "fp32"  # --dtype's None keeps float32
+            assert documented[0] == default, (flag, documented)
+
+
+def test_readme_and_dockerfile_say_where_results_go_and_for_how_long(tmp_path):
+    from dc_app.storage import MAX_AGE_S, MAX_BYTES, MIN_KEEP_S, OutputStore
+
+    # The container sets none of these variables: the default root is what the image uses.
+    env = {k: v for k, v in os.environ.items() if k not in ("DC_APP_OUTPUT_DIR", "GRADIO_TEMP_DIR", "TMPDIR")}
+    root = subprocess.run([sys.executable, "-c", "from dc_app.storage import default_root; print(default_root())"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert root == "/tmp/dc_app"
+    assert OutputStore(tmp_path).dir == tmp_path / "results"  # the videos' folder under the root
+    comments = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#"))
+    readme = README.read_text()
+    for text in (comments, readme):
+        assert f"{root}/results" in text and "$DC_APP_OUTPUT_DIR" in text
+    assert (MIN_KEEP_S, MAX_AGE_S, MAX_BYTES) == (3600, 7200, 2 * 1024**3)
+    api = readme_section("API")
+    assert "at least 1 hour" in api and "after 2 hours" in api and "2 GB" in api
+
+
+def test_readme_states_the_queue_limit_and_the_zerogpu_limits():
+    tree = ast.parse((ROOT / "app.py").read_text())
+    (queue_size,) = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                     and getattr(node.targets[0], "id", "") == "QUEUE_SIZE"]
+    api = readme_section("API")
+    assert f"Up to {queue_size} requests wait" in api and '"Queue is full"' in api
+    zerogpu = " ".join(readme_section("Hugging Face Spaces and ZeroGPU").split())
+    assert "Cancel does not stop a run" in zerogpu and "per-step progress" in zerogpu
+
+
 def test_readme_model_table_matches_the_configs():
     from dc_app.config import load_model_config, model_defaults
 
@@ -439,7 +511,7 @@ def test_runs_as_non_root_uid_1000():
     created = re.search(r"useradd\b.*?--uid 1000\b.*?\s(\w+)(\s|$)", run_lines)
     assert created, "no user with uid 1000 is created"
     assert final in ("1000", created.group(1))
-    # Everything the app writes (outputs/ under the workdir, HF_HOME) belongs to that user.
+    # CLI runs write their --out files under the workdir, which belongs to that user (the app writes under /tmp).
     workdir = instructions("WORKDIR")[-1]
     assert re.search(rf"chown (1000|{created.group(1)})\S* {re.escape(workdir)}\b", run_lines)
 

@@ -21,7 +21,7 @@ from dc_app.config import load_model_config, model_defaults
 from dc_app.faults import parse_fault
 from dc_app.pipeline import SynthesisResult
 from dc_app.schedule import ddim_timesteps, repair_timesteps
-from dc_app.service import Cancelled, OutOfMemory, RunFailed, Service
+from dc_app.service import Cancelled, OutOfMemory, PeakMemory, RunFailed, Service, run_note
 from dc_app.storage import MIN_KEEP_S, OutputStore
 from dc_app.validation import InputError
 
@@ -32,7 +32,8 @@ def stub_model(name: str = "tiny", frames: int | None = None, latent=(8, 8)):
     return SimpleNamespace(
         config=cfg, defaults=model_defaults(cfg), image_size=latent,
         temporal_length=frames or int(cfg.model.params.unet_config.params.temporal_length),
-        channels=4, device=torch.device("cpu"), dtype=torch.float32, num_timesteps=1000,
+        channels=4, device=torch.device("cpu"), dtype=torch.float32, vae_dtype=torch.float32,
+        offloaded=frozenset(), num_timesteps=1000,
         cond_stage_model=SimpleNamespace(num_tokens=lambda text: len(text.split()) + 2, context_length=77),
     )
 
@@ -523,3 +524,90 @@ def test_tiny_interpolation_and_loop_through_the_real_pipeline(tiny_service, ima
     assert (record["interp"], record["loop"]) == (True, False)
     video, _, _ = svc.interpolate(image, None, steps=1, seed=3)
     assert json.loads(open(Service.sidecar_of(video)).read())["loop"] is True
+
+
+# ------------------------------------------------------------- server settings: decode chunk, CFG mode, VRAM
+
+
+def test_server_settings_reach_the_pipeline(tmp_path, fake, image):
+    default = Service(stub_model(), output_dir=tmp_path)
+    default.generate(image, steps=1, seed=1)
+    # tiny decodes per frame by default; CFG is batched unless the server says otherwise
+    assert (fake.calls[-1]["decode_chunk_size"], fake.calls[-1]["batched_cfg"]) == (1, True)
+
+    svc = Service(stub_model(), output_dir=tmp_path, decode_chunk_size=2, cfg_mode="two-call")
+    # A server chunk replaces the model's per-frame default, also for the UI's and the API's defaults.
+    assert svc.defaults.perframe_ae is False and default.defaults.perframe_ae is True
+    video, _, _ = svc.generate(image, steps=1, seed=1)
+    assert (fake.calls[-1]["decode_chunk_size"], fake.calls[-1]["batched_cfg"]) == (2, False)
+    record = json.loads(open(Service.sidecar_of(video)).read())
+    assert (record["decode_chunk_size"], record["cfg_mode"], record["perframe_ae"]) == (2, "two-call", False)
+    svc.generate(image, steps=1, seed=1, perframe_ae=True)  # a request can still ask for per-frame decode
+    assert fake.calls[-1]["decode_chunk_size"] == 1
+    svc.compare(image, steps=1, seed=1)
+    assert [c["batched_cfg"] for c in fake.calls[-2:]] == [False, False]
+
+    # A chunk larger than the video is the whole video; a chunk of 1 makes per-frame decode the default.
+    Service(stub_model(), output_dir=tmp_path, decode_chunk_size=64).generate(image, steps=1, seed=1)
+    assert fake.calls[-1]["decode_chunk_size"] == 4
+    assert Service(stub_model("256", latent=(32, 32)), output_dir=tmp_path,
+                   decode_chunk_size=1).defaults.perframe_ae is True
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cfg_mode="single"), "cfg_mode 'single': expected one of batched, two-call"),
+    (dict(decode_chunk_size=0), "decode_chunk_size 0: expected a whole number of frames, 1 or more"),
+    (dict(decode_chunk_size=1.5), "decode_chunk_size 1.5: expected a whole number of frames, 1 or more"),
+    (dict(decode_chunk_size=True), "decode_chunk_size True: expected a whole number of frames, 1 or more"),
+])
+def test_bad_server_settings_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        Service(stub_model(), output_dir=tmp_path, **kwargs)
+    assert str(err.value) == message
+
+
+def test_tiny_sidecar_records_the_performance_settings_and_no_vram_on_cpu(tmp_path, image):
+    from dc_app.loading import load_for_serving
+
+    model = load_for_serving("tiny", device="cpu", dtype="bf16", offload="all")
+    svc = Service(model, output_dir=tmp_path, decode_chunk_size=3, cfg_mode="two-call")
+    stock, fixed, report = svc.compare(image, steps=2, seed=11)
+    for video, sampler in ((stock, "stock"), (fixed, "fixed")):
+        record = json.loads(open(Service.sidecar_of(video)).read())
+        expected = {"sampler": sampler, "device": "cpu", "dtype": "bf16", "vae_dtype": "fp32", "offload": "all",
+                    "decode_chunk_size": 3, "cfg_mode": "two-call"}
+        assert {k: record[k] for k in expected} == expected
+        # A CPU run says nothing about VRAM: no field, no figure in its report line.
+        assert "peak_vram_bytes" not in record and "VRAM" not in record["report"]
+        assert iio.imread(video).shape == (4, 64, 64, 3)
+    assert "VRAM" not in report and "GiB" not in report
+
+
+def test_peak_memory_on_cuda_is_measured_around_the_run_and_reported(monkeypatch):
+    """The CUDA branch without a GPU: torch.cuda's two counters are replaced by a recorder, everything else
+    (when they are called, the line, the sidecar field) is the service's own code."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: events.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda device: events.append(("peak", device)) or 9_876_543_210)
+    gpu = torch.device("cuda", 1)
+    with PeakMemory(gpu) as peak:
+        events.append("run")
+    assert events == [("reset", gpu), "run", ("peak", gpu)]  # the counter restarts for each run
+    assert peak.bytes == 9_876_543_210
+    assert run_note(12.34, peak.bytes) == "(12.3 s, peak VRAM 9.20 GiB)"  # 9876543210 / 2**30 = 9.198...
+
+    events.clear()
+    with PeakMemory("cpu") as cpu_peak:
+        events.append("run")
+    assert events == ["run"] and cpu_peak.bytes is None  # no CUDA call, no figure
+    assert run_note(12.34, None) == "(12.3 s)"
+
+
+def test_sidecar_has_the_peak_only_when_measured(tmp_path):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    req = svc.validate("", 1, None, None, None, 1, None, None, None)
+    result = SynthesisResult(videos=torch.zeros(1), ddim_timesteps=[999])
+    measured = svc._settings(req, 1, "fixed", result, "fixed: finite", 1.0, False, False, 123_456)
+    unmeasured = svc._settings(req, 1, "fixed", result, "fixed: finite", 1.0, False, False, None)
+    assert measured["peak_vram_bytes"] == 123_456 and "peak_vram_bytes" not in unmeasured

@@ -241,6 +241,11 @@ class DynamiCrafter(nn.Module):
             getattr(self, name).to("cpu")
         return self
 
+    @property
+    def offloaded(self) -> frozenset[str]:
+        """Names of the parts `enable_offload` keeps in CPU RAM between uses (empty: none)."""
+        return frozenset(self._offloaded)
+
     @contextlib.contextmanager
     def _on_device(self, name: str):
         part = getattr(self, name)

@@ -1,0 +1,147 @@
+"""The performance options of the app and the CLI: one list of names, allowed values and environment forms.
+
+app.py and `python -m dc_app` both add these options with `add_performance_options`, and hand the parsed values
+to `dc_app.loading.load_for_serving` (model set-up) and `dc_app.service.Service` (per-request defaults) through
+`model_options` / `service_options`, so the two front-ends cannot drift apart. This module imports no torch:
+`--help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+DTYPES = ("fp32", "fp16", "bf16")
+OFFLOAD_MODES = ("none", "encoders", "all")
+CFG_MODES = ("batched", "two-call")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def one_of(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return check
+
+
+def frame_count(value: Any) -> int:
+    """A decode chunk: a whole number of frames, 1 or more."""
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"expected a whole number of frames, 1 or more, got {value!r}")
+    return n
+
+
+def on_off(value: Any) -> bool:
+    """A switch given as text (environment variables): 1/true/yes/on or 0/false/no/off."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE[:-1])}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    env: str                       # its environment form, read by app.py only
+    parse: Callable[[Any], Any]    # text -> value; raises ValueError whose message lists what is allowed
+    default: Any
+    help: str
+    metavar: str | None = None
+    switch: bool = False           # a flag without a value (--compile)
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+PERFORMANCE_OPTIONS = (
+    Option("--dtype", "DC_APP_DTYPE", one_of(DTYPES), None,
+           "precision of the UNet, CLIP and Resampler (default: fp32; bf16 needs Ampere or newer on GPU)",
+           metavar="{" + ",".join(DTYPES) + "}"),
+    Option("--vae-dtype", "DC_APP_VAE_DTYPE", one_of(DTYPES), "fp32",
+           "precision of the VAE (default: fp32; fp16 VAE decode is a known cause of black videos)",
+           metavar="{" + ",".join(DTYPES) + "}"),
+    Option("--offload", "DC_APP_OFFLOAD", one_of(OFFLOAD_MODES), "none",
+           "keep parts in CPU RAM, on the GPU only while they run: encoders (text and image encoders) or all "
+           "(the VAE too); saves GPU memory, costs a copy per request (default: none)",
+           metavar="{" + ",".join(OFFLOAD_MODES) + "}"),
+    Option("--decode-chunk-size", "DC_APP_DECODE_CHUNK_SIZE", frame_count, None,
+           "frames the VAE decodes at once (default: 1 where the model decodes per frame, else all); a request's "
+           "per-frame decode setting still picks 1", metavar="N"),
+    Option("--cfg-mode", "DC_APP_CFG_MODE", one_of(CFG_MODES), "batched",
+           "classifier-free guidance as one batched UNet call (default, faster) or two calls (less GPU memory)",
+           metavar="{" + ",".join(CFG_MODES) + "}"),
+    Option("--compile", "DC_APP_COMPILE", on_off, False,
+           "torch.compile the UNet (off by default: the first request then compiles for minutes)", switch=True),
+)
+
+
+def add_performance_options(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Add the options to `parser`.
+
+    Without `env` (the CLI) argparse checks each value as it parses. With `env` (the app) the DC_APP_* variables
+    give the defaults; argparse never checks a default, so the app calls `check_performance_options` after
+    parsing, which checks the command line and the environment alike and names both forms.
+    """
+    for o in PERFORMANCE_OPTIONS:
+        default = o.default if env is None else (env.get(o.env) or o.default)
+        shown = f" (environment: {o.env})" if env is not None else ""
+        if o.switch:
+            # --no-compile too: it overrides DC_APP_COMPILE=1 for one start.
+            parser.add_argument(o.flag, action=argparse.BooleanOptionalAction, default=default, help=o.help + shown)
+        else:
+            parser.add_argument(o.flag, default=default, metavar=o.metavar, help=o.help + shown,
+                                type=_argparse_type(o) if env is None else None)
+
+
+def check_performance_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Turn the app's raw values (text from the command line or the environment) into checked ones, in place;
+    a bad one stops the start with a message naming the option, its variable and the allowed values."""
+    for o in PERFORMANCE_OPTIONS:
+        value = getattr(args, o.dest)
+        if value is None:
+            continue
+        try:
+            setattr(args, o.dest, o.parse(value))
+        except ValueError as err:
+            parser.error(f"{o.flag}/{o.env}: {err}")
+
+
+def _argparse_type(o: Option) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return o.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of `dc_app.loading.load_for_serving` from parsed options."""
+    return dict(dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload, compile=args.compile)
+
+
+def service_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of `dc_app.service.Service`: the server's defaults for every request."""
+    return dict(decode_chunk_size=args.decode_chunk_size, cfg_mode=args.cfg_mode)
+
+
+def describe(args: argparse.Namespace) -> str:
+    """The set-up in a few words, for the start-up log."""
+    words = [args.dtype or "fp32", f"VAE {args.vae_dtype}", f"CFG {args.cfg_mode}"]
+    if args.offload != "none":
+        words.append(f"offload {args.offload}")
+    if args.decode_chunk_size is not None:
+        words.append(f"decode {args.decode_chunk_size} frames at a time")
+    if args.compile:
+        words.append("compiled UNet")
+    return ", ".join(words)
