@@ -3,12 +3,17 @@
 Options fall back to DC_APP_MODEL, DC_APP_DEVICE, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (Spaces and Docker
 set the last two); the performance options (--dtype, --vae-dtype, --offload, --decode-chunk-size, --cfg-mode,
 --compile, shared with the CLI in dc_app.options) to DC_APP_DTYPE, DC_APP_VAE_DTYPE, DC_APP_OFFLOAD,
-DC_APP_DECODE_CHUNK_SIZE, DC_APP_CFG_MODE and DC_APP_COMPILE. The model loads when this module is imported, as
-ZeroGPU requires.
+DC_APP_DECODE_CHUNK_SIZE, DC_APP_CFG_MODE and DC_APP_COMPILE.
+
+The model starts loading when this module is imported. On ZeroGPU (the `spaces` package importable) it loads
+right here, before the page starts, as ZeroGPU requires; elsewhere it loads in a background thread, and the page
+is up meanwhile: a banner says what is happening (the checkpoint download in GB, reading the weights, or the load
+error) and every request gets a plain "still loading" answer until the model is ready.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -54,16 +59,22 @@ logging.getLogger("dc_app").setLevel(logging.INFO)  # one line per cancelled run
 from dc_app import load_for_serving  # noqa: E402  (after GRADIO_TEMP_DIR)
 from dc_app.faults import fault_from_env  # noqa: E402
 from dc_app.images import MAX_FILE_BYTES  # noqa: E402
+from dc_app.model_loader import ModelLoader  # noqa: E402
 from dc_app.service import Service  # noqa: E402
 from dc_app.ui import ASSETS_DIR, CSS, THEME, build_demo  # noqa: E402
 
 FAULTS = fault_from_env()  # read once, before the slow part: a typo stops the start at once
-# Spaces and Docker show this log while the page is not up yet: say what the wait is.
+# The log says what the wait is (the page says it too, once it is up).
 WHY = "seeded random weights, no download" if ARGS.model == "tiny" else \
     "the first start downloads its checkpoint, several GB, into the Hugging Face cache"
 print(f"dc_app: loading the {ARGS.model} model ({WHY}; {describe(ARGS)})...", file=sys.stderr, flush=True)
-MODEL = load_for_serving(ARGS.model, device=ARGS.device, **model_options(ARGS))
-SERVICE = Service(MODEL, output_dir=OUTPUT_ROOT, fault=FAULTS, **service_options(ARGS))
+LOADER = ModelLoader(ARGS.model, lambda: load_for_serving(ARGS.model, device=ARGS.device, **model_options(ARGS)),
+                     delay=FAULTS.load_delay if FAULTS else 0.0, fail=bool(FAULTS and FAULTS.load_error))
+if importlib.util.find_spec("spaces") is not None:
+    LOADER.load_now()  # ZeroGPU patches device moves at start-up: the model must exist before the page does
+else:
+    LOADER.start()
+SERVICE = Service(LOADER, output_dir=OUTPUT_ROOT, fault=FAULTS, **service_options(ARGS))
 demo = build_demo(SERVICE)
 demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
 

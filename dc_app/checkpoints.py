@@ -73,6 +73,21 @@ def resolve_checkpoint(name: str, hub_repo: str | None, root: Path | str | None 
         ) from err
 
 
+def download_progress(hub_repo: str, cache_dir: Path | str | None = None) -> int | None:
+    """Bytes written so far by a running Hugging Face download of `hub_repo` (its largest `*.incomplete` blob in
+    the cache), or None when no download of that repo is in progress."""
+    if cache_dir is None:
+        cache_dir = _hf_home()
+    blobs = Path(cache_dir) / f"models--{hub_repo.replace('/', '--')}" / "blobs"
+    sizes = []
+    for part in blobs.glob("*.incomplete"):
+        try:
+            sizes.append(part.stat().st_size)
+        except OSError:  # finished (renamed) between the listing and the stat
+            pass
+    return max(sizes) if sizes else None
+
+
 def _hf_home() -> str:
     from huggingface_hub import constants
 

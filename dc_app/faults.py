@@ -3,6 +3,8 @@
     oom@step3      torch.OutOfMemoryError inside the sampler, after the 3rd step
     raise@step2    an unexpected RuntimeError inside the sampler, after the 2nd step
     writer@frame2  an error in the video writer, before the 2nd frame is written
+    load-delay@5   the model load takes 5 more seconds (the page and the API meanwhile say it is loading)
+    load-error     the model load fails (every request then says so)
 
 Several may be given, comma-separated ("raise@step2,oom@step3"). Each fires once, the first time a run
 reaches its point, like the transient failures it stands for; so a test can check that the very next request
@@ -21,6 +23,7 @@ import torch
 ENV_VAR = "DC_APP_FAULT"
 _KINDS = {"oom": "step", "raise": "step", "writer": "frame"}
 _PATTERN = re.compile(r"^(?P<kind>[a-z]+)@(?P<where>[a-z]+)(?P<n>[0-9]+)$")
+_LOAD_DELAY = re.compile(r"^load-delay@(?P<s>[0-9]+(\.[0-9]+)?)$")
 
 
 class InjectedFault(RuntimeError):
@@ -44,9 +47,11 @@ class Fault:
 class FaultPlan:
     """The faults still armed; `at_step` / `at_frame` raise the matching one and disarm it."""
 
-    def __init__(self, faults: list[Fault]):
+    def __init__(self, faults: list[Fault], load_delay: float = 0.0, load_error: bool = False):
         self._armed = list(faults)
         self._lock = threading.Lock()
+        self.load_delay = load_delay  # seconds added to the model load (load-delay@N)
+        self.load_error = load_error  # the model load fails (load-error)
 
     def _fire(self, where: str, n: int) -> None:
         with self._lock:
@@ -77,15 +82,23 @@ def parse_fault(text: str | None) -> FaultPlan | None:
     a typo must not silently run a test without its fault."""
     if not text or not text.strip():
         return None
-    faults = []
-    for part in text.split(","):
-        m = _PATTERN.match(part.strip())
+    faults, load_delay, load_error = [], 0.0, False
+    for part in (p.strip() for p in text.split(",")):
+        if part == "load-error":
+            load_error = True
+            continue
+        delay = _LOAD_DELAY.match(part)
+        if delay:
+            load_delay = float(delay["s"])
+            continue
+        m = _PATTERN.match(part)
         if not m or _KINDS.get(m["kind"]) != m["where"] or int(m["n"]) < 1:
             raise ValueError(
-                f"{ENV_VAR}={text!r}: expected oom@stepN, raise@stepN or writer@frameN (N >= 1), comma-separated"
+                f"{ENV_VAR}={text!r}: expected oom@stepN, raise@stepN, writer@frameN (N >= 1), load-delay@SECONDS "
+                f"or load-error, comma-separated"
             )
         faults.append(Fault(m["kind"], int(m["n"])))
-    return FaultPlan(faults)
+    return FaultPlan(faults, load_delay, load_error)
 
 
 def fault_from_env() -> FaultPlan | None:

@@ -23,6 +23,7 @@ from .config import TIMESTEP_SPACINGS
 from .faults import FaultPlan, InjectedFault
 from .images import prepare_image
 from .loading import dtype_name, offload_mode
+from .model_loader import ModelLoader
 from .options import CFG_MODES
 from .pipeline import SAMPLERS, run_synthesis
 from .schedule import ddim_timesteps
@@ -132,14 +133,17 @@ class Service:
     def __init__(self, model, output_dir: Path | str | None = None, fault: FaultPlan | None = None,
                  store: OutputStore | None = None, fps: int | None = None, decode_chunk_size: int | None = None,
                  cfg_mode: str = "batched"):
-        """`decode_chunk_size` and `cfg_mode` are the server's settings for every request (app and CLI options
+        """`model`: a loaded model, or a dc_app.model_loader.ModelLoader still loading one (the service's facts
+        come from its config; requests get a plain "still loading" message until it is ready).
+
+        `decode_chunk_size` and `cfg_mode` are the server's settings for every request (app and CLI options
         --decode-chunk-size and --cfg-mode); None keeps the model's per-frame or all-frames decode."""
         if cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode {cfg_mode!r}: expected one of {', '.join(CFG_MODES)}")
         if decode_chunk_size is not None and (isinstance(decode_chunk_size, bool) or int(decode_chunk_size) < 1
                                               or int(decode_chunk_size) != decode_chunk_size):
             raise ValueError(f"decode_chunk_size {decode_chunk_size!r}: expected a whole number of frames, 1 or more")
-        self.model = model
+        self._source = model
         self.defaults = model.defaults
         self.decode_chunk_size = None if decode_chunk_size is None else int(decode_chunk_size)
         self.cfg_mode = cfg_mode
@@ -159,6 +163,18 @@ class Service:
         self.frames = int(model.temporal_length)
 
     # ------------------------------------------------------------------------------------------ facts
+    @property
+    def model(self):
+        """The loaded model; while a ModelLoader is still loading (or failed), a ModelNotReady saying so."""
+        return self._source.model if isinstance(self._source, ModelLoader) else self._source
+
+    @property
+    def model_status(self) -> tuple[str, str]:
+        """(state: 'ready', 'loading' or 'failed'; what the model is doing in plain words, or the load error)."""
+        if isinstance(self._source, ModelLoader):
+            return self._source.state, self._source.status
+        return "ready", "ready"
+
     @property
     def is_test_model(self) -> bool:
         return self.model_name == "tiny"

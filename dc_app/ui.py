@@ -10,8 +10,10 @@ from .storage import MIN_KEEP_S
 from .ui_handlers import (
     SPACINGS,
     api_functions,
+    model_banner,
     random_seed,
     ui_interpolate,
+    ui_model_status,
     ui_run,
     ui_schedule,
 )
@@ -20,6 +22,7 @@ from .validation import SEED_MAX
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 CONCURRENCY_ID = "device"  # every generating event shares one slot: one generation per device at a time
 UI_MAX_STEPS = 100         # the slider's end; the API accepts up to 1000
+STATUS_REFRESH_S = 2.0     # how often the page asks what the loading model is doing
 # Gradio's cache (uploads, copies of results): swept every 30 min, files older than 2 h removed.
 DELETE_CACHE = (1800, 2 * MIN_KEEP_S)
 
@@ -30,6 +33,7 @@ PLOT_COLOURS = {"stock sigma": "#d62728", "stock 1 - a_prev - sigma^2": "#ff7f0e
 PLOT_CAPTION = ("sigma: stock red, fixed blue; 1 - a_prev - sigma^2 (the square-root argument): stock orange, "
                 "fixed teal. Where they agree, the fixed line covers the stock one.")
 CSS = """
+#model-status { background: #e7f1ff; border: 1px solid #5b8def; border-radius: 6px; padding: 4px 12px; }
 #test-model-banner { background: #fff3cd; border: 1px solid #e0b000; border-radius: 6px; padding: 4px 12px; }
 #report textarea { font-family: ui-monospace, monospace; }
 """
@@ -105,6 +109,9 @@ def build_demo(service: Service) -> gr.Blocks:
     with gr.Blocks(title="DynamiCrafter image to video", delete_cache=DELETE_CACHE) as demo:
         if service.is_test_model:
             gr.Markdown(_banner(service), elem_id="test-model-banner")
+        status_text = model_banner(*service.model_status)
+        model_status = gr.Markdown(status_text, visible=bool(status_text), elem_id="model-status")
+        status_timer = gr.Timer(STATUS_REFRESH_S, active=service.model_status[0] == "loading")
         gr.Markdown(
             f"# DynamiCrafter: image to video\nModel **{service.model_name}**: {service.frames} frames of "
             f"{w}x{h} at {service.fps} fps. The fixed DDIM sampler never gives NaN; switch **Compare** on to "
@@ -161,7 +168,10 @@ def build_demo(service: Service) -> gr.Blocks:
         compare.change(lambda on: gr.update(visible=on), inputs=compare, outputs=stock_column, queue=False,
                        api_visibility="private")
         schedule_inputs = [s["steps"], s["eta"], s["timestep_spacing"]]
-        gr.on([demo.load, s["steps"].release, s["eta"].release, s["timestep_spacing"].change],
+        # While the model loads: the banner says what happens, every STATUS_REFRESH_S; the plot follows when ready.
+        gr.on([demo.load, status_timer.tick], ui_model_status(service), inputs=schedule_inputs,
+              outputs=[model_status, status_timer, plot, plot_note], queue=False, api_visibility="private")
+        gr.on([s["steps"].release, s["eta"].release, s["timestep_spacing"].change],
               ui_schedule(service), inputs=schedule_inputs, outputs=[plot, plot_note], queue=False,
               api_visibility="private")
 

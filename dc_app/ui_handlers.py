@@ -216,6 +216,9 @@ def ui_schedule(service: Service) -> Callable:
     """Schedule plot for the current steps, eta and spacing; out-of-range slider states show a note instead."""
 
     def plot(steps, eta, timestep_spacing):
+        state, status = service.model_status
+        if state != "ready":
+            return None, f"The schedule plot appears once the model is loaded ({status})."
         try:
             req = service.validate("", steps, eta, None, None, -1, None, timestep_spacing, None)
         except InputError as err:
@@ -223,6 +226,29 @@ def ui_schedule(service: Service) -> Callable:
         return schedule_view(service.model, req.steps, req.eta, req.timestep_spacing)
 
     return plot
+
+
+def model_banner(state: str, status: str) -> str:
+    """The model-status banner for `Service.model_status`: empty (hidden) once the model is ready."""
+    if state == "ready":
+        return ""
+    if state == "failed":
+        return f"**The model could not be loaded:** {status}. The app cannot generate until it is restarted."
+    return f"**The model is still loading:** {status}. The page works meanwhile; generating waits for it."
+
+
+def ui_model_status(service: Service) -> Callable:
+    """Timer tick and page load: the banner, whether the timer keeps ticking (only while loading), and the
+    schedule plot (drawn once the model is there)."""
+    plot = ui_schedule(service)
+
+    def tick(steps, eta, timestep_spacing):
+        state, status = service.model_status  # read once: the banner and the timer agree
+        text = model_banner(state, status)
+        return (gr.update(value=text, visible=bool(text)), gr.Timer(active=state == "loading"),
+                *plot(steps, eta, timestep_spacing))
+
+    return tick
 
 
 SPACINGS = list(TIMESTEP_SPACINGS)

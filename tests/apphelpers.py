@@ -51,8 +51,13 @@ class RunningApp:
         return int(httpx.get(self.url + "gradio_api/queue/status", timeout=10).json()["queue_size"])
 
 
-def start_app(work_dir: Path, extra_env: dict[str, str] | None = None, via_env: bool = False) -> RunningApp:
-    """`via_env`: give the model and port as DC_APP_MODEL / GRADIO_SERVER_PORT instead of options."""
+READY_LINE = "model is ready"  # app.py's log line once the model has loaded (the page is up before that)
+
+
+def start_app(work_dir: Path, extra_env: dict[str, str] | None = None, via_env: bool = False,
+              wait_for_model: bool = True) -> RunningApp:
+    """`via_env`: give the model and port as DC_APP_MODEL / GRADIO_SERVER_PORT instead of options.
+    `wait_for_model`: return once the model has loaded, not as soon as the page is up."""
     port = free_port()
     out_dir = work_dir / "out"
     log_path = work_dir / "app.log"
@@ -74,7 +79,8 @@ def start_app(work_dir: Path, extra_env: dict[str, str] | None = None, via_env: 
         if proc.poll() is not None:
             raise RuntimeError(f"app exited with {proc.returncode} before serving:\n{app.log()[-3000:]}")
         try:
-            if httpx.get(app.url + "gradio_api/info", timeout=2).status_code == 200:
+            if httpx.get(app.url + "gradio_api/info", timeout=2).status_code == 200 and (
+                    not wait_for_model or READY_LINE in app.log()):
                 return app
         except httpx.HTTPError:
             pass
