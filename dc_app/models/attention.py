@@ -134,7 +134,11 @@ class CrossAttention(nn.Module):
         if image is not None:
             k_ip = self._split_heads(self.to_k_ip(image))  # B heads Li d
             v_ip = self._split_heads(self.to_v_ip(image))  # B heads Li d
-            out = out + dot_product_attention(q, k_ip, v_ip) * self.image_scale()
+            out_image = dot_product_attention(q, k_ip, v_ip)
+            if self.image_cross_attention_scale_learnable:
+                out_image = out_image * self.image_scale()
+            # (lambda is the constant 1 otherwise: no multiply-by-one pass over the whole output.)
+            out = out + out_image
 
         batch, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head)  # B Lq (heads d)
