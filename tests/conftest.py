@@ -54,3 +54,8 @@ def read_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
         dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
         rows.append((key, dims, kind))
     return rows
+
+
+def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a full state_dict under `prefix`, with the prefix removed (one submodule's weights)."""
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}

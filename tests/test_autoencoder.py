@@ -4,17 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ATOL, RTOL, read_manifest
+from conftest import ATOL, RTOL, read_manifest, strip_prefix
 from dc_app.config import load_model_config
 from dc_app.models.attention_kernel import attention_backend
 from dc_app.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 PREFIX = "first_stage_model."
 SCALE_FACTOR = 0.18215  # the diffusion model's latent scale; applied by the caller, not by the VAE
-
-
-def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def to_frames(video: torch.Tensor) -> torch.Tensor:

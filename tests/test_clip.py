@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ATOL, ATOL_LARGE_IMAGE, RTOL, read_manifest
+from conftest import ATOL, ATOL_LARGE_IMAGE, RTOL, read_manifest, strip_prefix
 from dc_app.config import load_model_config
 from dc_app.models.clip import (
     CLIP_MEAN,
@@ -19,26 +19,19 @@ TEXT_PREFIX, IMAGE_PREFIX = "cond_stage_model.", "embedder."
 SOT, EOT = 49406, 49407
 
 
-def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+def _tiny_embedder(cls, config_key: str, meta: bool):
+    cfg = load_model_config("tiny")
+    kwargs = dict(cfg.model.params[config_key].params, model_cfgs=cfg.open_clip_model_cfgs)
+    with torch.device("meta" if meta else "cpu"):
+        return cls(**kwargs)
 
 
 def tiny_text(meta: bool = False) -> OpenCLIPTextEmbedder:
-    cfg = load_model_config("tiny")
-    kwargs = dict(cfg.model.params.cond_stage_config.params, model_cfgs=cfg.open_clip_model_cfgs)
-    if meta:
-        with torch.device("meta"):
-            return OpenCLIPTextEmbedder(**kwargs)
-    return OpenCLIPTextEmbedder(**kwargs)
+    return _tiny_embedder(OpenCLIPTextEmbedder, "cond_stage_config", meta)
 
 
 def tiny_image(meta: bool = False) -> OpenCLIPImageEmbedder:
-    cfg = load_model_config("tiny")
-    kwargs = dict(cfg.model.params.img_cond_stage_config.params, model_cfgs=cfg.open_clip_model_cfgs)
-    if meta:
-        with torch.device("meta"):
-            return OpenCLIPImageEmbedder(**kwargs)
-    return OpenCLIPImageEmbedder(**kwargs)
+    return _tiny_embedder(OpenCLIPImageEmbedder, "img_cond_stage_config", meta)
 
 
 @pytest.fixture(scope="module")
