@@ -14,23 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dc_app.models.attention_kernel import dot_product_attention
+from dc_app.models.normalization import GroupNorm32
 
 # The UNet feeds every spatial cross-attention a context of 77 text tokens followed by the image tokens.
 # Upstream hard-codes the split point (`text_context_len=77`), the length of an open_clip text sequence.
 TEXT_CONTEXT_TOKENS = 77
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm evaluated in float32 and cast back to the input dtype (upstream's `normalization`).
-
-    Half-precision variance over thousands of elements loses too many bits, so the statistics are always
-    computed in float32, whatever the dtype of the weights and activations.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class TokenConv1d(nn.Conv1d):

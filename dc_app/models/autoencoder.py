@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dc_app.models.attention_kernel import dot_product_attention
+from dc_app.models.normalization import GroupNorm32
 
 # Upstream clamps the posterior log-variance to this range before taking exp().
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -53,15 +54,6 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         """The most likely latent (the mean): a deterministic alternative to sample()."""
         return self.mean
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so fp16/bf16 statistics neither overflow nor lose precision."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def normalize(channels: int) -> GroupNorm32:

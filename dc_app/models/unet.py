@@ -20,12 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dc_app.models.attention import (
-    TEXT_CONTEXT_TOKENS,
-    GroupNorm32,
-    SpatialTransformer,
-    TemporalTransformer,
-)
+from dc_app.models.attention import TEXT_CONTEXT_TOKENS, SpatialTransformer, TemporalTransformer
+from dc_app.models.normalization import GroupNorm32
 
 # The Resampler gives 16 image tokens per frame; upstream's UNet hard-codes this number (and the 77 text
 # tokens) to recognise a per-frame image context of length 77 + 16 * T.
