@@ -183,7 +183,10 @@ def cover_crop(img: Image.Image, height: int, width: int) -> Image.Image:
     """
     w, h = img.size
     scale = max(width / w, height / h)
-    crop_w, crop_h = width / scale, height / scale
+    # On the side that decides the scale, width / scale is w in exact arithmetic but can round a hair above
+    # it (2000x1000 -> 576x1024: 1000.0000000000001), which made the box's edge negative and Pillow raise.
+    # The crop can never be larger than the image, so clamp it there.
+    crop_w, crop_h = min(width / scale, float(w)), min(height / scale, float(h))
     left, top = (w - crop_w) / 2, (h - crop_h) / 2
     return img.resize((width, height), RESAMPLE, box=(left, top, left + crop_w, top + crop_h))
 
