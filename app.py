@@ -87,7 +87,7 @@ if __name__ == "__main__":
         allowed_paths=[str(ASSETS_DIR)],
         theme=THEME,
         css=CSS,
-        # Gradio's own refusals (a file that was not uploaded, a URL it will not fetch) reach the caller in its
-        # words; dc_app's handlers already turn every unexpected error into a plain message without internals.
-        show_error=True,
+        # Only gr.Error messages reach a caller: dc_app's handlers raise those, in plain words without paths or
+        # internals. Anything else (a Python exception inside Gradio) is logged here and answered without text.
+        show_error=False,
     )

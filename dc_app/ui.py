@@ -1,12 +1,14 @@
 """The Gradio page and the named API: layout and event wiring only (handlers: dc_app.ui_handlers)."""
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import gradio as gr
+from gradio.exceptions import InvalidPathError
 
 from .service import CFG_RANGE, ETA_RANGE, RESCALE_RANGE, Service
 from .storage import MIN_KEEP_S
+from .uploads import ASSETS_DIR, NOT_AN_UPLOAD
 from .ui_handlers import (
     SPACINGS,
     api_functions,
@@ -16,10 +18,11 @@ from .ui_handlers import (
     ui_model_status,
     ui_run,
     ui_schedule,
+    upload_rule,
 )
 from .validation import SEED_MAX
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+log = logging.getLogger("dc_app.ui")
 CONCURRENCY_ID = "device"  # every generating event shares one slot: one generation per device at a time
 UI_MAX_STEPS = 100         # the slider's end; the API accepts up to 1000
 STATUS_REFRESH_S = 2.0     # how often the page asks what the loading model is doing
@@ -46,6 +49,30 @@ _EXAMPLES = [
     ("astronaut.jpg", "an astronaut waving at the camera", None, None, None, False),
     ("chelsea.jpg", "a cat turning its head", None, None, None, False),
 ]
+
+
+class AppBlocks(gr.Blocks):
+    """gr.Blocks whose refusals of a request's inputs speak dc_app's words.
+
+    Gradio checks file payloads that carry its `meta` marker before any handler runs, and its refusal names
+    the server path ("Cannot move /tmp/... to the gradio cache dir ..."). Here that refusal reads like dc_app's
+    own upload check (dc_app.uploads), and anything else that breaks while Gradio reads the inputs gets a plain
+    message; the details go to the log only.
+    """
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except InvalidPathError:
+            raise gr.Error(f"input file: {NOT_AN_UPLOAD}", print_exception=False) from None
+        except Exception:
+            log.warning("a request's inputs could not be read", exc_info=True)
+            # E.g. a payload whose path is a URL Gradio will not fetch, or a payload of the wrong shape.
+            raise gr.Error("the request's inputs could not be read: files must be uploaded to this app first "
+                           "(gradio_client.handle_file does it); the other parameters are listed on this app's "
+                           "API page", print_exception=False) from None
 
 
 def _banner(service: Service) -> str:
@@ -106,7 +133,8 @@ def _settings(service: Service, prefix: str = "") -> dict:
 def build_demo(service: Service) -> gr.Blocks:
     """The page for `service`'s model, with the named API endpoints /generate, /compare (and /interpolate)."""
     h, w = service.frame_size
-    with gr.Blocks(title="DynamiCrafter image to video", delete_cache=DELETE_CACHE) as demo:
+    rule = upload_rule(service)
+    with AppBlocks(title="DynamiCrafter image to video", delete_cache=DELETE_CACHE) as demo:
         if service.is_test_model:
             gr.Markdown(_banner(service), elem_id="test-model-banner")
         status_text = model_banner(*service.model_status)
@@ -157,7 +185,7 @@ def build_demo(service: Service) -> gr.Blocks:
                             label="Examples (compare on: settings that break the stock sampler)")
 
         run_event = run_btn.click(
-            ui_run(service), inputs=inputs,
+            ui_run(service, rule), inputs=inputs,
             outputs=[stock_column, stock_video, stock_note, video, video_note, report, seed_used, settings_file],
             concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
         )
@@ -198,7 +226,7 @@ def build_demo(service: Service) -> gr.Blocks:
                             interp_seed = gr.Number(value=None, label="Seed used", precision=0, interactive=False)
                             interp_file = gr.File(label="Settings (JSON)", interactive=False)
                 interp_event = interp_btn.click(
-                    ui_interpolate(service),
+                    ui_interpolate(service, rule),
                     inputs=[first, second] + [si[k] for k in order],
                     outputs=[interp_video, interp_report, interp_seed, interp_file],
                     concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
@@ -207,6 +235,6 @@ def build_demo(service: Service) -> gr.Blocks:
                                     queue=False, api_visibility="private")
                 si["random_seed"].click(random_seed, outputs=si["seed"], queue=False, api_visibility="private")
 
-        for name, fn in api_functions(service).items():
+        for name, fn in api_functions(service, rule).items():
             gr.api(fn, api_name=name, concurrency_id=CONCURRENCY_ID)
     return demo

@@ -20,11 +20,13 @@ from typing import Any, Callable
 
 import gradio as gr
 from gradio import FileData
+from gradio import utils as gradio_utils
 
 from .config import TIMESTEP_SPACINGS
 from .schedule_view import schedule_view
 from .service import Service
-from .validation import SEED_MAX, InputError, UserFacingError
+from .uploads import UploadRule
+from .validation import SEED_MAX, InputError, UserFacingError, flag
 
 log = logging.getLogger("dc_app.ui")
 
@@ -87,19 +89,16 @@ async def run_cancellable(fn: Callable, /, **kwargs) -> Any:
                        print_exception=False) from None
 
 
-def uploaded_path(value: Any, field: str) -> str | None:
-    """The server-side path of a file the API received; bare strings (server paths, URLs) are refused."""
-    if value is None:
-        return None
-    if isinstance(value, dict) and isinstance(value.get("path"), str):
-        return value["path"]
-    raise InputError(f"{field}: send the image file itself (gradio_client.handle_file), not a path or a URL")
+def upload_rule(service: Service) -> UploadRule:
+    """The app's rule for input files: Gradio's upload folder and assets/, never the results folder."""
+    return UploadRule.for_app(gradio_utils.get_upload_folder(), service.store.dir)
 
 
-def _payload_path(value: Any, field: str) -> str | None:
-    """The uploaded file's server path (None when nothing was uploaded: the service says so in its words)."""
+def _payload_path(rule: UploadRule, value: Any, field: str) -> str | None:
+    """The uploaded file's server path, checked against `rule` (None when nothing was uploaded: the service
+    says so in its words)."""
     try:
-        return uploaded_path(value, field)
+        return rule.uploaded_path(value, field)
     except InputError as err:
         raise gr.Error(str(err), print_exception=False) from None
 
@@ -108,9 +107,10 @@ def _file(path: str | None) -> FileData | None:
     return None if path is None else FileData(path=path)
 
 
-def api_functions(service: Service) -> dict[str, Callable]:
+def api_functions(service: Service, rule: UploadRule | None = None) -> dict[str, Callable]:
     """The named API endpoints: the service's arguments and defaults, typed for gr.api."""
     d = service.defaults
+    rule = rule or upload_rule(service)
     gen_gpu = on_device(service, "generate")
     cmp_gpu = on_device(service, "compare", runs=2)
     int_gpu = on_device(service, "interpolate")
@@ -121,7 +121,7 @@ def api_functions(service: Service) -> dict[str, Callable]:
                        sampler: str = "fixed", perframe_ae: bool = d.perframe_ae) -> tuple[FileData, str, int]:
         """Image to video. Returns (mp4, report, seed used)."""
         video, report, seed_used = await run_cancellable(
-            gen_gpu, image=_payload_path(image, "image"), prompt=prompt, steps=steps, eta=eta,
+            gen_gpu, image=_payload_path(rule, image, "image"), prompt=prompt, steps=steps, eta=eta,
             cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
             timestep_spacing=timestep_spacing, sampler=sampler, perframe_ae=perframe_ae)
         return _file(video), report, seed_used
@@ -132,7 +132,7 @@ def api_functions(service: Service) -> dict[str, Callable]:
                       perframe_ae: bool = d.perframe_ae) -> tuple[FileData | None, FileData, str]:
         """Stock and fixed samplers on the same seed and noise. Returns (stock mp4 or None, fixed mp4, report)."""
         stock, fixed, report = await run_cancellable(
-            cmp_gpu, image=_payload_path(image, "image"), prompt=prompt, steps=steps, eta=eta,
+            cmp_gpu, image=_payload_path(rule, image, "image"), prompt=prompt, steps=steps, eta=eta,
             cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
             timestep_spacing=timestep_spacing, perframe_ae=perframe_ae)
         return _file(stock), _file(fixed), report
@@ -144,7 +144,7 @@ def api_functions(service: Service) -> dict[str, Callable]:
                           perframe_ae: bool = d.perframe_ae) -> tuple[FileData, str, int]:
         """512_interp: a video from image to image2 (without image2: a loop). Returns (mp4, report, seed used)."""
         video, report, seed_used = await run_cancellable(
-            int_gpu, image=_payload_path(image, "image"), image2=_payload_path(image2, "image2"), prompt=prompt,
+            int_gpu, image=_payload_path(rule, image, "image"), image2=_payload_path(rule, image2, "image2"), prompt=prompt,
             steps=steps, eta=eta, cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
             timestep_spacing=timestep_spacing, sampler=sampler, perframe_ae=perframe_ae)
         return _file(video), report, seed_used
@@ -162,14 +162,20 @@ def _progress_adapter(progress: gr.Progress) -> Callable[[int, int, str], None]:
     return lambda step, total, label: progress((step, total), desc=f"{label}: step {step} of {total}")
 
 
-def ui_run(service: Service) -> Callable:
+def ui_run(service: Service, rule: UploadRule | None = None) -> Callable:
     """Generate button: one sampler, or stock and fixed side by side when `compare` is on."""
+    rule = rule or upload_rule(service)
     gen_gpu = on_device(service, "generate")
     cmp_gpu = on_device(service, "compare", runs=2)
 
     async def run(image, prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing, sampler,
                   perframe_ae, compare, progress=gr.Progress()):
-        args = dict(image=_payload_path(image, "image"), prompt=prompt, steps=steps, eta=eta, cfg_scale=cfg_scale,
+        try:
+            # The browser sends a bool; an API caller of this private event could send anything.
+            compare = flag("compare", compare)
+        except InputError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        args = dict(image=_payload_path(rule, image, "image"), prompt=prompt, steps=steps, eta=eta, cfg_scale=cfg_scale,
                     fs=fs, seed=seed, guidance_rescale=guidance_rescale, timestep_spacing=timestep_spacing,
                     perframe_ae=perframe_ae, progress=_progress_adapter(progress))
         if compare:
@@ -185,13 +191,14 @@ def ui_run(service: Service) -> Callable:
     return run
 
 
-def ui_interpolate(service: Service) -> Callable:
+def ui_interpolate(service: Service, rule: UploadRule | None = None) -> Callable:
+    rule = rule or upload_rule(service)
     int_gpu = on_device(service, "interpolate")
 
     async def run(image, image2, prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing,
                   sampler, perframe_ae, progress=gr.Progress()):
         video, report, seed_used = await run_cancellable(
-            int_gpu, image=_payload_path(image, "image"), image2=_payload_path(image2, "image2"), prompt=prompt,
+            int_gpu, image=_payload_path(rule, image, "image"), image2=_payload_path(rule, image2, "image2"), prompt=prompt,
             steps=steps, eta=eta, cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
             timestep_spacing=timestep_spacing, sampler=sampler, perframe_ae=perframe_ae,
             progress=_progress_adapter(progress))

@@ -33,9 +33,20 @@ def _describe(value) -> str:
     if isinstance(value, str):
         shown = value if len(value) <= 20 else value[:20] + "..."
         return f"{shown!r} (text)"
+    if isinstance(value, numbers.Integral) and abs(value) > _LARGEST_SHOWN:
+        return _huge(value)
     if isinstance(value, numbers.Real):
         return _fmt(float(value))
     return f"a {type(value).__name__}"
+
+
+# JSON integers have no size limit, and float() of one past ~1e308 raises OverflowError. Far below that, any
+# integer is out of every field's range; it is shown by its length, not converted.
+_LARGEST_SHOWN = 10**18
+
+
+def _huge(value: int) -> str:
+    return f"a {len(str(abs(int(value))))}-digit number"
 
 
 def _fmt(x: float) -> str:
@@ -51,6 +62,8 @@ def _real_number(field: str, value, expected: str) -> float:
     # bool is an int subclass in Python; `true` for steps is a caller's mistake, not 1 step.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputError(f"{field}: expected {expected}, got {_describe(value)}")
+    if isinstance(value, numbers.Integral) and abs(value) > _LARGEST_SHOWN:
+        raise InputError(f"{field}: expected {expected}, got {_huge(value)}")
     x = float(value)
     if not math.isfinite(x):
         raise InputError(f"{field}: expected {expected}, got {_fmt(x)}")

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +128,30 @@ def call_raw(app: RunningApp, endpoint: str, args: dict, timeout: float = 300) -
                 payload = json.loads(line[len("data: "):])
                 break
     return kind, payload
+
+
+def call_ui_event(app: RunningApp, elem_id: str | None, event: str, data: list, timeout: float = 300) -> dict:
+    """Trigger one of the page's private events (e.g. the Generate button's click; `elem_id` None: the first
+    event of that kind, whatever fires it) the way the browser does:
+    POST /gradio_api/queue/join, then read the session's event stream. A hostile caller can do the same, so
+    the handlers must check what arrives here as strictly as on the named API.
+    -> the `process_completed` message: {"success": bool, "output": {"data": [...]} or {"error": ...}}."""
+    config = httpx.get(app.url + "config", timeout=10).json()
+    # elem_id None: the first event of that kind whatever fires it (the timer's tick has no elem_id).
+    dependency, component = next((d["id"], t[0]) for d in config["dependencies"] for t in d["targets"]
+                                 if t[1] == event and (elem_id is None or any(
+                                     c["id"] == t[0] and c.get("props", {}).get("elem_id") == elem_id
+                                     for c in config["components"])))
+    session = uuid.uuid4().hex[:12]
+    body = json.dumps({"data": data, "fn_index": dependency, "trigger_id": component, "session_hash": session,
+                       "event_data": None}, allow_nan=True)
+    r = httpx.post(app.url + "gradio_api/queue/join", content=body, headers={"content-type": "application/json"},
+                   timeout=60)
+    r.raise_for_status()
+    with httpx.stream("GET", app.url + f"gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                message = json.loads(line[len("data: "):])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError(f"the {elem_id} {event} event never completed")

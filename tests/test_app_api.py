@@ -10,6 +10,7 @@ import io
 import json
 import re
 import struct
+import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 from PIL import Image
 
-from apphelpers import REPO, call_raw, start_app, stop_app, upload
+from apphelpers import REPO, call_raw, call_ui_event, start_app, stop_app, upload
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,9 @@ def _make_images(d: Path) -> dict[str, Path]:
     (d / "empty.png").write_bytes(b"")
     (d / "svg.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
     (d / "eps.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with open(d / "big.png", "wb") as f:  # sparse: 51 MB on paper, nothing on disk
+        f.truncate(51 * 1024 * 1024)
+    out["big.png"] = d / "big.png"
     whole = (d / "ok.jpg").read_bytes()
     (d / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (d / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
@@ -168,27 +172,81 @@ def _expand(args: dict) -> dict:
         if isinstance(v, str) and v.startswith("REPEAT:"):
             _, ch, n = v.split(":")
             v = ch * int(n)
+        elif isinstance(v, str) and v.lstrip("-").startswith("BIGINT:"):
+            v = (-1 if v.startswith("-") else 1) * 10 ** (int(v.split(":")[1]) - 1)
         out[k] = v
     return out
 
 
-def run_case(app, client, images, case) -> tuple[str, object]:
+def _server_file(app, images, case) -> dict:
+    """The payload naming a file on the server's disk, outside the upload folder (see the corpus's "about")."""
+    name = case["server_file"]
+    if name == "missing":
+        path = images["ok"].parent / "no-such-file.png"
+    elif name == "in_results":
+        app.results_dir.mkdir(parents=True, exist_ok=True)
+        path = app.results_dir / "planted.jpg"
+        path.write_bytes(images["ok"].read_bytes())
+    else:
+        path = images[name]
+    text = str(path)
+    if case.get("server_file_via") == "dotdot":
+        text = str(app.out_dir) + "/" + "../" * 40 + text.lstrip("/")
+    payload = {"path": text, **case.get("server_file_extra", {})}
+    if "server_file_meta" in case:
+        payload["meta"] = case["server_file_meta"]
+    return payload
+
+
+# The page's Generate event: the named API's /generate inputs, then the compare switch.
+UI_INPUTS = ["image", "prompt", "steps", "eta", "cfg_scale", "fs", "seed", "guidance_rescale", "timestep_spacing",
+             "sampler", "perframe_ae", "compare"]
+
+
+def _ui_defaults(app) -> dict:
+    info = httpx.get(app.url + "gradio_api/info", timeout=10).json()["named_endpoints"]["/generate"]
+    return {**{p["parameter_name"]: p["parameter_default"] for p in info["parameters"]}, "compare": False}
+
+
+def run_case(app, client, images, case, transport=None) -> tuple[str, object]:
     """-> ("ok", (outputs)) or ("error", message)."""
     endpoint = case.get("endpoint", "generate")
     args = _expand(case["args"])
-    if case.get("transport") == "http":
-        image = case["image_payload"] if "image_payload" in case else (
-            upload(app, images[case["image"]]) if case.get("image") else None)
+    transport = transport or case.get("transport")
+    if "server_file" in case:
+        image = _server_file(app, images, case)
+    elif "image_payload" in case:
+        image = case["image_payload"]
+    elif case.get("image"):
+        raw = transport == "http" or endpoint == "ui"
+        image = upload(app, images[case["image"]]) if raw else handle_file(images[case["image"]])
+    else:
+        image = None
+    if endpoint == "ui":
+        values = {**_ui_defaults(app), "image": image, **{k: _special(v) for k, v in args.items()}}
+        message = call_ui_event(app, "generate", "click", [values[k] for k in UI_INPUTS])
+        if message["success"]:
+            return "ok", message["output"]["data"]
+        return "error", message["output"].get("error") or ""
+    if transport == "http":
         kind, payload = call_raw(app, endpoint, {"image": image, **{k: _special(v) for k, v in args.items()}})
         if kind == "complete":
             return "ok", payload
         return "error", (payload or {}).get("error") or ""
-    image = case["image_payload"] if "image_payload" in case else (
-        handle_file(images[case["image"]]) if case.get("image") else None)
     try:
         return "ok", client.predict(image, api_name=f"/{endpoint}", **args)
     except Exception as err:  # gradio_client raises AppError with the server's message
         return "error", str(err)
+
+
+def _runs(corpus):
+    """(case, transport) pairs: a case marked "both" runs as raw HTTP and through gradio_client."""
+    for case in corpus:
+        if case.get("transport") == "both":
+            yield pytest.param(case, "http", id=f"{case['id']}-http")
+            yield pytest.param(case, "client", id=f"{case['id']}-client")
+        else:
+            yield pytest.param(case, case.get("transport"), id=case["id"])
 
 
 def test_corpus_is_big_enough_and_well_formed(images):
@@ -198,15 +256,29 @@ def test_corpus_is_big_enough_and_well_formed(images):
         assert case.get("image") is None or case["image"] in images, case["id"]
 
 
-@pytest.mark.parametrize("case", CORPUS, ids=[c["id"] for c in CORPUS])
-def test_bad_input_corpus(app, client, images, case):
-    outcome, value = run_case(app, client, images, case)
+# "FileNotFoundError", "OverflowError", "InvalidPathError", "TypeError", "KeyError", "Exception"...
+EXCEPTION_NAME = re.compile(r"\b[A-Z]\w*(Error|Exception)\b")
+
+
+def assert_reveals_nothing(app, images, text: str) -> None:
+    """No server path (the working directory, the app's temp folder, where the test made its files) and no
+    Python exception class name in what a caller was told."""
+    for folder in (REPO, app.out_dir, images["ok"].parent, Path(tempfile.gettempdir())):
+        assert str(folder) not in text, text
+    assert not EXCEPTION_NAME.search(text), text
+
+
+@pytest.mark.parametrize("case, transport", list(_runs(CORPUS)))
+def test_bad_input_corpus(app, client, images, case, transport):
+    outcome, value = run_case(app, client, images, case, transport)
     if case["expect"] == "reject":
         assert outcome == "error", f"{case['id']}: accepted: {value}"
         assert case["message"] in value, f"{case['id']}: {value!r}"
+        assert_reveals_nothing(app, images, value)
         return
     assert outcome == "ok", f"{case['id']}: rejected: {value}"
     video, report, _seed = value
+    assert_reveals_nothing(app, images, report)
     assert_model_video(video)
     assert case["message"] in report, report
     notices = [line for line in report.splitlines() if line.startswith("prompt:")]
@@ -218,6 +290,34 @@ def test_a_valid_request_after_the_corpus_succeeds(app, client, images):
     assert_model_video(video)
     assert seed == 5 and app.alive()
     assert not [f for f in app.result_files() if ".partial" in f]
+
+
+@pytest.mark.parametrize("transport", ["http", "client"])
+def test_a_probe_cannot_tell_a_missing_file_from_a_big_one_or_a_non_image(app, client, images, transport):
+    answers = set()
+    for name in ("missing", "big", "text", "ok"):
+        outcome, message = run_case(app, client, images, {"server_file": name, "args": {}}, transport)
+        assert outcome == "error"
+        answers.add(message)
+    assert len(answers) == 1, answers
+
+
+def test_example_images_and_uploads_are_still_accepted(app, images):
+    # The upload rule lets through what the page needs: an upload, and assets/ (the example rows send those).
+    for payload in (upload(app, images["ok"]), {"path": str(REPO / "assets" / "rocket.jpg")}):
+        kind, outputs = call_raw(app, "generate", {"image": payload, "steps": 1, "seed": 4})
+        assert kind == "complete", outputs
+        [[video, report, seed]] = outputs  # gr.api sends the returned tuple as one output
+        assert_model_video(video["path"])
+        assert seed == 4 and report.startswith("fixed: finite")
+
+
+@pytest.mark.parametrize("data", [[], ["x"], [1, "x", None, 4], [10**400, "NaN", {"a": 1}], "text"])
+def test_the_private_tick_event_echoes_no_python_error(app, data):
+    # The page's timer tick takes (steps, eta, spacing); a caller can send anything instead.
+    message = call_ui_event(app, None, "tick", data if isinstance(data, list) else [data])
+    text = json.dumps(message["output"])
+    assert not EXCEPTION_NAME.search(text) and str(REPO) not in text and str(app.out_dir) not in text, text
 
 
 # ------------------------------------------------------------------------------------------ exposure
