@@ -280,6 +280,50 @@ def test_repair_timesteps_algorithm():
     assert torch.equal(repair_timesteps(unchanged), unchanged)
 
 
+def repaired_by_the_rule(values: list[int], n: int) -> tuple[list[int], int]:
+    """REPAIR (2) as its docstring states it, written plainly: (the sorted result, how many picks were ties).
+
+    Valid first occurrences stay; every other entry, in input order, takes the free timestep nearest to it,
+    the smaller one on a tie."""
+    kept: list[int] = []
+    replaced: list[int] = []
+    for v in values:
+        (kept if 0 <= v < n and v not in kept else replaced).append(v)
+    free = sorted(set(range(n)) - set(kept))
+    picks, ties = [], 0
+    for v in replaced:
+        pick = min(free, key=lambda c: (abs(c - v), c))
+        d = abs(pick - v)
+        ties += d > 0 and pick == v - d and v + d in free  # the larger neighbour was just as near, and free
+        free.remove(pick)
+        picks.append(pick)
+    return sorted(kept + picks), ties
+
+
+def test_repair_timesteps_property_over_random_inputs():
+    """Random timesteps with repeats, negatives and values >= N, in any order: the result is distinct and
+    valid, keeps every valid first occurrence, and gives each replaced entry the nearest free timestep with
+    ties to the smaller. The S = 1..1000 sweep cannot tell the tie rules apart; these inputs can: a repeat
+    between two free neighbours is a tie."""
+    rng = np.random.default_rng(15)
+    ties = 0
+    for _ in range(1500):
+        n = int(rng.choice([6, 12, 40, N]))
+        length = int(rng.integers(1, min(n, 60) + 1))
+        # Values from a window narrower than the range (so repeats are common), widened past both ends.
+        lo = int(rng.integers(-4, n))
+        values = rng.integers(lo, min(lo + max(length, 3), n + 4), size=length).tolist()
+        got = repair_timesteps(torch.tensor(values, dtype=torch.int64), n)
+        case = (n, values)
+        assert got.dtype == torch.int64 and len(got) == length, case
+        assert bool((got[1:] > got[:-1]).all()) and 0 <= int(got[0]) and int(got[-1]) < n, case
+        assert set(v for v in values if 0 <= v < n) <= set(got.tolist()), case
+        want, case_ties = repaired_by_the_rule(values, n)
+        assert got.tolist() == want, case
+        ties += case_ties
+    assert ties > 500  # (876 with this seed) the tie rule was exercised, not just the nearest-timestep rule
+
+
 def test_schedule_argument_errors():
     with pytest.raises(ValueError, match="uniform, uniform_trailing"):
         ddim_timesteps("quad", 10, N)
