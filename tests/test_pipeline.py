@@ -60,7 +60,10 @@ def test_upstream_parity_with_injected_noise(tag, synthesis, tiny_ref_model, cas
     for ref in (cases[f"sampler_{tag}_cond_crossattn"], cases[f"sampler_{tag}_uncond_crossattn"]):
         assert any(torch.allclose(ctx, ref[0], atol=ATOL, rtol=RTOL) for ctx in contexts)
     torch.testing.assert_close(rec.calls[0]["c_concat"][0][:1], cases[f"sampler_{tag}_c_concat"], atol=ATOL, rtol=RTOL)
-    # Step by step, then end to end.
+    # Step by step, then end to end. A tolerance, not bit-identity: the model outputs come from dc_app's own
+    # UNet, VAE and encoders, whose float32 sums run in another order than upstream's (measured: up to 3.3e-5
+    # on the final latent and the video; the reference README's acceptance is 1e-3). Where the model outputs
+    # are upstream's own, the sampler is bit-identical (test_sampling.py, replay).
     assert [s[0] for s in rec.steps] == list(range(5)) and rec.steps[0][1] == 5
     for i, (_, _, x_prev, pred_x0) in enumerate(rec.steps):
         torch.testing.assert_close(pred_x0, cases[f"sampler_{tag}_pred_x0"][i], atol=ATOL_SAMPLER, rtol=RTOL)
