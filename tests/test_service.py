@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dc_app import service as service_mod
-from dc_app.config import load_model_config, model_defaults
+from dc_app.config import CONFIG_DIR, load_model_config, model_defaults
 from dc_app.faults import parse_fault
 from dc_app.pipeline import SynthesisResult
 from dc_app.schedule import ddim_timesteps, repair_timesteps
@@ -230,6 +230,26 @@ def test_sidecar_records_every_setting(tmp_path, fake, image):
     assert {k: record[k] for k in expected} == expected
     assert set(record["versions"]) >= {"dc_app", "torch", "gradio"}
     assert record["ddim_timesteps"] == [1, 201, 401, 601, 801] and record["report"].startswith("fixed: finite")
+
+
+def container_fps(mp4: str) -> float:
+    """The frame rate the mp4 plays at, as ffmpeg reads it from the file."""
+    return iio.immeta(mp4)["fps"]
+
+
+def test_config_video_fps_is_the_files_frame_rate(tmp_path, fake, image):
+    """A config whose video_fps is not the default 8 plays at its own rate, and the sidecar says so; a server
+    fps (app option) overrides the config's."""
+    yaml = (CONFIG_DIR / "tiny.yaml").read_text()
+    assert yaml.count("video_fps: 8") == 1
+    custom = tmp_path / "tiny_12fps.yaml"
+    custom.write_text(yaml.replace("video_fps: 8", "video_fps: 12"))
+    model = stub_model(str(custom))
+    assert model.defaults.video_fps == 12
+    for svc, fps in ((Service(model, output_dir=tmp_path), 12), (Service(model, output_dir=tmp_path, fps=5), 5)):
+        for video in svc.compare(image, steps=1, seed=1)[:2]:
+            assert container_fps(video) == fps
+            assert json.loads(open(Service.sidecar_of(video)).read())["fps"] == fps
 
 
 def test_output_names_are_random_never_the_prompt(tmp_path, fake, image):
@@ -485,6 +505,15 @@ def test_tiny_generate_end_to_end(tiny_service, image):
     other, _, _ = tiny_service.generate(image, prompt="a red square", steps=1, seed=8)
     assert (iio.imread(again).astype(int) - frames).__abs__().max() <= 1  # same seed: same video
     assert (iio.imread(other).astype(int) - frames).__abs__().mean() > 1
+
+
+def test_tiny_service_fps_is_the_files_frame_rate(tiny_service, image, tmp_path):
+    """Service(fps=...) is what the mp4 plays at (every config says 8, so 8 proves nothing), and the sidecar
+    records the file's rate."""
+    svc = Service(tiny_service.model, output_dir=tmp_path, fps=5)
+    video, _, _ = svc.generate(image, steps=1, seed=2)
+    assert container_fps(video) == 5 and iio.imread(video).shape[0] == svc.frames
+    assert json.loads(open(Service.sidecar_of(video)).read())["fps"] == 5
 
 
 def test_tiny_cancel_and_oom_inside_the_real_sampler(tiny_service, image):
