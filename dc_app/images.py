@@ -40,6 +40,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
 # The resize filter of upstream's preprocessing (torchvision Resize's default, bilinear with antialiasing).
+# Changing it changes every model input: bicubic moves a detailed picture by up to ~30 8-bit levels.
 RESAMPLE = Image.Resampling.BILINEAR
 
 
@@ -176,10 +177,19 @@ def to_rgb(img: Image.Image, field: str = "image") -> Image.Image:
 def cover_crop(img: Image.Image, height: int, width: int) -> Image.Image:
     """Scale so the image covers height x width, keep the centre (upstream: resize short side, centre crop).
 
-    Upstream resizes the short side to min(height, width) and centre-crops, which pads a portrait image with
-    black bars on a landscape model; scaling to cover gives the same result for landscape images and no bars
-    for portrait ones. The crop box is taken in the source image, so a 1x4000 strip never becomes a huge
-    intermediate image.
+    Upstream's torchvision transform (Resize(min(height, width)), bilinear with antialiasing, then CenterCrop)
+    gives the same picture, within one 8-bit level, wherever the two geometries agree: landscape images whose
+    resized size is whole (900x400 at 320x512). Two differences are on purpose:
+
+    * portrait and square images on a landscape model: upstream scales the image's width to the frame's
+      height and pads both sides with black bars; scaling to cover fills the frame instead (upstream's own
+      steps with the short side scaled to the frame's width);
+    * a resized size that is not whole (1000x600 at 320x512: 533.3x320): torchvision truncates it to 533 and
+      rounds the crop offset, which shifts and stretches the picture by up to a pixel; here both axes share
+      one scale and the crop is the exact centre (the box may be fractional).
+
+    The crop box is taken in the source image, so a 1x4000 strip never becomes a huge intermediate image.
+    tests/test_image_resize.py checks all of this against upstream's transform and a plain float64 resample.
     """
     w, h = img.size
     scale = max(width / w, height / h)
