@@ -5,10 +5,11 @@ set the last two); the performance options (--dtype, --vae-dtype, --offload, --d
 --compile, shared with the CLI in dc_app.options) to DC_APP_DTYPE, DC_APP_VAE_DTYPE, DC_APP_OFFLOAD,
 DC_APP_DECODE_CHUNK_SIZE, DC_APP_CFG_MODE and DC_APP_COMPILE.
 
-The model starts loading when this module is imported. On ZeroGPU (the `spaces` package importable) it loads
-right here, before the page starts, as ZeroGPU requires; elsewhere it loads in a background thread, and the page
-is up meanwhile: a banner says what is happening (the checkpoint download in GB, reading the weights, or the load
-error) and every request gets a plain "still loading" answer until the model is ready.
+Importing this module does nothing heavy: `create_app` starts the model loading and builds the page. On ZeroGPU
+(the `spaces` package importable) the model loads before the page starts, as ZeroGPU requires; elsewhere it
+loads in a background thread, and the page is up meanwhile: a banner says what is happening (the checkpoint
+download in GB, reading the weights, or the load error) and every request gets a plain "still loading" answer
+until the model is ready.
 """
 from __future__ import annotations
 
@@ -46,43 +47,60 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-# Everything the app writes (results, Gradio's uploads and copies) lives under one temp folder: Gradio's own.
-# Gradio serves files from it, so the API can hand out results without widening allowed_paths. Gradio reads
-# GRADIO_TEMP_DIR when it is imported, so this comes first.
-OUTPUT_ROOT = Path(os.environ.get("DC_APP_OUTPUT_DIR") or os.environ.get("GRADIO_TEMP_DIR") or default_root())
-os.environ["GRADIO_TEMP_DIR"] = str(OUTPUT_ROOT)
+def output_root() -> Path:
+    """Everything the app writes (results, Gradio's uploads and copies) lives under one temp folder: Gradio's own.
+    Gradio serves files from it, so the API can hand out results without widening allowed_paths."""
+    return Path(os.environ.get("DC_APP_OUTPUT_DIR") or os.environ.get("GRADIO_TEMP_DIR") or default_root())
 
-ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-logging.getLogger("dc_app").setLevel(logging.INFO)  # one line per cancelled run, full tracebacks of failures
 
-from dc_app import load_for_serving  # noqa: E402  (after GRADIO_TEMP_DIR)
-from dc_app.faults import fault_from_env  # noqa: E402
-from dc_app.images import MAX_FILE_BYTES  # noqa: E402
-from dc_app.model_loader import ModelLoader  # noqa: E402
-from dc_app.service import Service  # noqa: E402
-from dc_app.ui import ASSETS_DIR, CSS, THEME, build_demo  # noqa: E402
+def create_app(args: argparse.Namespace):
+    """Start loading the model and build the page -> the queued gr.Blocks (not launched yet).
 
-FAULTS = fault_from_env()  # read once, before the slow part: a typo stops the start at once
-# The log says what the wait is (the page says it too, once it is up).
-WHY = "seeded random weights, no download" if ARGS.model == "tiny" else \
-    "the first start downloads its checkpoint, several GB, into the Hugging Face cache"
-print(f"dc_app: loading the {ARGS.model} model ({WHY}; {describe(ARGS)})...", file=sys.stderr, flush=True)
-LOADER = ModelLoader(ARGS.model, lambda: load_for_serving(ARGS.model, device=ARGS.device, **model_options(ARGS)),
-                     delay=FAULTS.load_delay if FAULTS else 0.0, fail=bool(FAULTS and FAULTS.load_error))
-if importlib.util.find_spec("spaces") is not None:
-    LOADER.load_now()  # ZeroGPU patches device moves at start-up: the model must exist before the page does
-else:
-    LOADER.start()
-SERVICE = Service(LOADER, output_dir=OUTPUT_ROOT, fault=FAULTS, **service_options(ARGS))
-demo = build_demo(SERVICE)
-demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    On ZeroGPU (the `spaces` package importable) the model loads right here, before the page exists, as ZeroGPU
+    requires; elsewhere it loads in a background thread and the page is up meanwhile.
+    """
+    root = output_root()
+    # Gradio reads GRADIO_TEMP_DIR when it is imported, so this comes before the imports below.
+    os.environ["GRADIO_TEMP_DIR"] = str(root)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("dc_app").setLevel(logging.INFO)  # one line per cancelled run, full tracebacks of failures
 
-if __name__ == "__main__":
+    from dc_app import load_for_serving
+    from dc_app.config import load_model_config, model_spec
+    from dc_app.faults import fault_from_env
+    from dc_app.model_loader import ModelLoader
+    from dc_app.service import Service
+    from dc_app.ui import build_demo
+
+    faults = fault_from_env()  # read once, before the slow part: a typo stops the start at once
+    spec = model_spec(load_model_config(args.model))
+    # The log says what the wait is (the page says it too, once it is up).
+    why = "seeded random weights, no download" if spec.random_weights else \
+        "the first start downloads its checkpoint, several GB, into the Hugging Face cache"
+    print(f"dc_app: loading the {args.model} model ({why}; {describe(args)})...", file=sys.stderr, flush=True)
+    loader = ModelLoader(args.model, lambda: load_for_serving(args.model, device=args.device, **model_options(args)),
+                         delay=faults.load_delay if faults else 0.0, fail=bool(faults and faults.load_error))
+    if importlib.util.find_spec("spaces") is not None:
+        loader.load_now()  # ZeroGPU patches device moves at start-up: the model must exist before the page does
+    else:
+        loader.start()
+    service = Service(loader, output_dir=root, fault=faults, **service_options(args))
+    demo = build_demo(service)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return demo
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    demo = create_app(args)
+    from dc_app.images import MAX_FILE_BYTES
+    from dc_app.ui import CSS, THEME
+    from dc_app.uploads import ASSETS_DIR
+
     demo.launch(
-        server_name=ARGS.host,
-        server_port=ARGS.port,
-        share=ARGS.share,
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
         max_file_size=MAX_FILE_BYTES,  # the image loader's own limit: Gradio refuses more before it reaches disk
         allowed_paths=[str(ASSETS_DIR)],
         theme=THEME,
@@ -91,3 +109,7 @@ if __name__ == "__main__":
         # internals. Anything else (a Python exception inside Gradio) is logged here and answered without text.
         show_error=False,
     )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
