@@ -20,30 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .config import MODEL_NAMES, TIMESTEP_SPACINGS
+from .config import MODEL_NAMES
 from .options import add_performance_options, model_options, service_options
+from .settings import add_cli_flags, cli_values
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SAMPLERS = ("fixed", "stock")  # dc_app.pipeline.SAMPLERS, repeated here so --help needs no torch
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def _sampling_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by generate and batch. None means: the model's own default (see README's model table)."""
+def _sampling_options(p: argparse.ArgumentParser, with_prompt: bool) -> None:
+    """Options shared by generate and batch: one flag per request setting (dc_app.settings.FIELDS; unset flags
+    keep the model's defaults), then the model and the server's performance options."""
     p.add_argument("--model", default="512", choices=MODEL_NAMES, help="checkpoint to use (default: 512)")
-    p.add_argument("--steps", type=int, help="DDIM steps, 1-1000 (default: 50)")
-    p.add_argument("--eta", type=float, help="DDIM eta, 0-1 (default: 1.0)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 1-15 (default: 7.5)")
-    p.add_argument("--fs", type=int, help="frame stride (256) or fps conditioning (others), in the model's range")
-    p.add_argument("--seed", type=int, default=-1, help="0..2^32-1, or -1 for a random seed (default)")
-    p.add_argument("--guidance-rescale", type=float, help="0-1 (default: 0.7; 0 for the 256 model)")
-    p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, help="DDIM timestep spacing")
-    p.add_argument("--sampler", default="fixed", choices=SAMPLERS,
-                   help="fixed (never NaN, default) or stock (upstream's arithmetic, failures included)")
+    add_cli_flags(p, skip=() if with_prompt else ("prompt",))  # batch: each item brings its own prompt
     p.add_argument("--compare", action="store_true",
                    help="run stock and fixed on the same seed; the stock video goes to <out>.stock.mp4")
-    p.add_argument("--perframe-ae", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode the VAE one frame at a time (less memory; default: the model's setting)")
     p.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available; cuda:LOCAL_RANK under torchrun)")
     add_performance_options(p)  # the app's --dtype, --vae-dtype, --offload, ... (dc_app.options)
 
@@ -57,15 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, type=Path, help="input image")
     gen.add_argument("--image2", type=Path,
                      help="512_interp: the last frame (without it, 512_interp makes a loop back to --image)")
-    gen.add_argument("--prompt", default="", help="what should move, and how")
     gen.add_argument("--out", required=True, type=Path, help="output mp4; the JSON goes next to it (.json)")
-    _sampling_options(gen)
+    _sampling_options(gen, with_prompt=True)
 
     batch = sub.add_parser("batch", help="a folder of images or a CSV of image,prompt rows -> one mp4 each")
     batch.add_argument("--input", required=True, type=Path,
                        help="folder of images (same-name .txt = prompt) or CSV with image,prompt[,image2] columns")
     batch.add_argument("--out-dir", required=True, type=Path, help="folder for <image name>.mp4 and .json")
-    _sampling_options(batch)
+    _sampling_options(batch, with_prompt=False)
     return parser
 
 
@@ -151,14 +141,6 @@ class StepBar:
             self.bar = None
 
 
-def _settings(args) -> dict:
-    """The service's keyword arguments that the command line sets; unset ones keep the model's defaults."""
-    values = dict(steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, fs=args.fs, seed=args.seed,
-                  guidance_rescale=args.guidance_rescale, timestep_spacing=args.timestep_spacing,
-                  perframe_ae=args.perframe_ae)
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def _move_result(video: str, dest: Path) -> Path:
     """Move a result mp4 and its JSON sidecar from the service's folder to `dest` (.mp4) and `dest`.json."""
     from .service import Service
@@ -171,25 +153,26 @@ def _move_result(video: str, dest: Path) -> Path:
 
 def run_one(service, item: Item, out: Path, args, progress) -> tuple[list[Path], str]:
     """One item through the service -> (written mp4 paths, report). Raises the service's UserFacingError."""
-    settings = _settings(args)
+    values = {**cli_values(args), "prompt": item.prompt}
     if service.is_interp_model:
         if args.compare:
-            raise SystemExit("--compare is for image-to-video models; 512_interp has no stock/fixed compare")
-        video, report, _seed = service.interpolate(str(item.image), str(item.image2) if item.image2 else None,
-                                                   prompt=item.prompt, sampler=args.sampler, progress=progress,
-                                                   **settings)
-        return [_move_result(video, out)], report
+            raise SystemExit(f"--compare is for image-to-video models; {service.model_name} has no stock/fixed "
+                             f"compare yet")
+        result = service.interpolate(str(item.image), str(item.image2) if item.image2 else None, progress=progress,
+                                     **values)
+        return [_move_result(result.video, out)], result.report()
     if item.image2 is not None:
-        raise SystemExit(f"--image2 needs --model 512_interp (the {service.model_name} model takes one image)")
+        raise SystemExit(f"--image2 needs --model 512_interp or another interpolation model (the "
+                         f"{service.model_name} model takes one image)")
     if args.compare:
-        stock, fixed, report = service.compare(str(item.image), prompt=item.prompt, progress=progress, **settings)
-        written = [_move_result(fixed, out)]
-        if stock is not None:
-            written.append(_move_result(stock, out.with_suffix(".stock.mp4")))
-        return written, report
-    video, report, _seed = service.generate(str(item.image), prompt=item.prompt, sampler=args.sampler,
-                                            progress=progress, **settings)
-    return [_move_result(video, out)], report
+        values.pop("sampler", None)  # compare runs stock and fixed
+        result = service.compare(str(item.image), progress=progress, **values)
+        written = [_move_result(result.video, out)]
+        if result.stock.video is not None:
+            written.append(_move_result(result.stock.video, out.with_suffix(".stock.mp4")))
+        return written, result.report()
+    result = service.generate(str(item.image), progress=progress, **values)
+    return [_move_result(result.video, out)], result.report()
 
 
 def open_service(args, work_dir: Path):
@@ -208,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         if args.out.suffix.lower() != ".mp4":
             raise SystemExit(f"--out {args.out}: expected a file name ending in .mp4")
-        items, out_dir = [Item(args.out.stem, args.image, args.prompt, args.image2)], args.out.parent
+        items, out_dir = [Item(args.out.stem, args.image, args.prompt or "", args.image2)], args.out.parent
         targets = {args.out.stem: args.out}
     else:
         items, out_dir = shard(read_items(args.input)), args.out_dir

@@ -1,9 +1,10 @@
 """Where official checkpoints come from and how they are read: safely, strictly, without two copies in RAM.
 
-Order of lookup for model `<name>`:
+Order of lookup for a model (its yaml's `weights:` block, read into a `ModelSpec`):
 1. an explicit path;
-2. upstream's layout `checkpoints/dynamicrafter_<name>_v1/model.ckpt` (used as it is);
-3. `model.ckpt` of the model's Hub repo through `huggingface_hub` (Hugging Face cache, `HF_HOME`,
+2. `weights.local_checkpoint` under checkpoints/ (upstream's layout, e.g. `dynamicrafter_512_v1/model.ckpt`),
+   used as it is;
+3. `weights.hub_file` of `weights.hub_repo` through `huggingface_hub` (Hugging Face cache, `HF_HOME`,
    `HF_HUB_OFFLINE` honoured).
 
 Files are read with `torch.load(weights_only=True, mmap=True)`: no pickle code runs, and tensors stay
@@ -19,7 +20,8 @@ from typing import Mapping
 
 import torch
 
-CHECKPOINT_FILENAME = "model.ckpt"
+from .config import ModelSpec
+
 PROJECT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
 # DeepSpeed checkpoints wrap every key in this prefix (upstream strips its 16 characters).
@@ -47,29 +49,35 @@ class _InertMetadata:
         pass
 
 
-def upstream_checkpoint_path(name: str, root: Path | str | None = None) -> Path:
-    """`checkpoints/dynamicrafter_<name>_v1/model.ckpt`, upstream's own layout (root: $DC_APP_CHECKPOINTS)."""
+def local_checkpoint_path(spec: ModelSpec, root: Path | str | None = None) -> Path | None:
+    """Where the spec's local checkpoint would be (root: $DC_APP_CHECKPOINTS, else checkpoints/); None without one.
+
+    The path comes from the yaml (`weights.local_checkpoint`), in upstream's own layout, e.g.
+    `dynamicrafter_512_v1/model.ckpt` or ToonCrafter's `tooncrafter_512_interp_v1/model.ckpt`.
+    """
+    if not spec.local_checkpoint:
+        return None
     root = Path(root or os.environ.get("DC_APP_CHECKPOINTS") or PROJECT_CHECKPOINTS)
-    return root / f"dynamicrafter_{name}_v1" / CHECKPOINT_FILENAME
+    return root / spec.local_checkpoint
 
 
-def resolve_checkpoint(name: str, hub_repo: str | None, root: Path | str | None = None) -> Path:
-    """Find model `name`'s checkpoint locally or download it from `hub_repo` into the Hugging Face cache."""
-    local = upstream_checkpoint_path(name, root)
-    if local.is_file():
+def resolve_checkpoint(spec: ModelSpec, root: Path | str | None = None) -> Path:
+    """Find the spec's checkpoint locally or download it from its Hub repo into the Hugging Face cache."""
+    local = local_checkpoint_path(spec, root)
+    if local is not None and local.is_file():
         return local
-    if not hub_repo:
-        raise CheckpointError(f"model {name!r} has no Hub repo and no local checkpoint at {local}")
+    if not spec.hub_repo:
+        raise CheckpointError(f"model {spec.name!r} has no Hub repo and no local checkpoint at {local}")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id=hub_repo, filename=CHECKPOINT_FILENAME))
+        return Path(hf_hub_download(repo_id=spec.hub_repo, filename=spec.hub_file))
     except LocalEntryNotFoundError as err:
+        where = f", or place the file at {local}" if local is not None else ""
         raise CheckpointError(
-            f"{hub_repo}/{CHECKPOINT_FILENAME} is not in the Hugging Face cache ({_hf_home()}) and cannot be "
-            f"downloaded now ({err.__class__.__name__}). Connect to the internet, unset HF_HUB_OFFLINE, or place "
-            f"the file at {local}."
+            f"{spec.hub_repo}/{spec.hub_file} is not in the Hugging Face cache ({_hf_home()}) and cannot be "
+            f"downloaded now ({err.__class__.__name__}). Connect to the internet or unset HF_HUB_OFFLINE{where}."
         ) from err
 
 

@@ -8,10 +8,8 @@ import torch
 from omegaconf import DictConfig
 
 from .checkpoints import check_keys, read_checkpoint, resolve_checkpoint
-from .config import load_model_config, model_defaults
+from .config import load_model_config, model_spec
 from .options import OFFLOAD_MODES
-
-TINY_SEED = 0
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -60,7 +58,8 @@ def load_pretrained(
     checkpoint: Union[str, Path, None] = None,
     vae_dtype: Union[str, torch.dtype, None] = None,
 ):
-    """Download (if needed) and strictly load a model; `tiny` gets seeded random weights instead.
+    """Download (if needed) and strictly load a model; test models (`weights.random_seed` in their yaml) get
+    seeded random weights instead.
 
     The model is built on the meta device and adopts the checkpoint's (memory-mapped) tensors with
     `load_state_dict(assign=True)`, so the weights are never held twice in RAM.
@@ -68,12 +67,13 @@ def load_pretrained(
     cfg = _as_config(name)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype)
-    if checkpoint is None and cfg.name == "tiny":
+    spec = None if checkpoint is not None else model_spec(cfg)
+    if spec is not None and spec.random_weights:
         from .models.random_init import randomize_parameters
 
-        model = randomize_parameters(build_model(cfg, device="cpu"), seed=TINY_SEED)
+        model = randomize_parameters(build_model(cfg, device="cpu"), seed=spec.random_seed)
     else:
-        path = Path(checkpoint) if checkpoint else resolve_checkpoint(str(cfg.name), model_defaults(cfg).hub_repo)
+        path = Path(checkpoint) if checkpoint else resolve_checkpoint(spec)
         state_dict = read_checkpoint(path)
         model = build_model(cfg, device="meta")
         check_keys(model, state_dict, path)

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoints import CHECKPOINT_FILENAME, CheckpointError, download_progress, upstream_checkpoint_path
-from .config import load_model_config, model_defaults
+from .checkpoints import CheckpointError, download_progress, local_checkpoint_path
+from .config import load_model_config, model_spec
 from .faults import InjectedFault
 from .validation import UserFacingError
 
@@ -35,11 +35,10 @@ class ModelLoader:
     def __init__(self, name: str, load: Callable[[], Any], delay: float = 0.0, fail: bool = False,
                  hf_cache: Path | str | None = None):
         self.config = load_model_config(name)
-        self.name = str(self.config.name)
-        self.defaults = model_defaults(self.config)
-        params = self.config.model.params
-        self.image_size = tuple(int(s) for s in params.image_size)  # latent (h, w), as DynamiCrafter reads it
-        self.temporal_length = int(params.unet_config.params.get("temporal_length", 16))
+        self.spec = model_spec(self.config)
+        self.name = self.spec.name
+        self.image_size = self.spec.latent_size  # latent (h, w), as DynamiCrafter reads it
+        self.temporal_length = self.spec.frames
         self._load, self._delay, self._fail, self._hf_cache = load, float(delay), fail, hf_cache
         self._model = None
         self._error: str | None = None
@@ -101,11 +100,11 @@ class ModelLoader:
         """What is happening, in plain words: 'ready', the load error, or what the load is doing now."""
         if self._done.is_set():
             return "ready" if self._error is None else self._error
-        repo = self.defaults.hub_repo
-        if repo and not upstream_checkpoint_path(self.name).is_file():
+        repo, local = self.spec.hub_repo, local_checkpoint_path(self.spec)
+        if repo and not (local is not None and local.is_file()):
             done = download_progress(repo, self._hf_cache)
             if done is not None:
-                return f"downloading {CHECKPOINT_FILENAME} from {repo}: {done / 1e9:.1f} GB so far"
+                return f"downloading {self.spec.hub_file} from {repo}: {done / 1e9:.1f} GB so far"
         return f"loading the {self.name} model (reading the weights)"
 
     @property

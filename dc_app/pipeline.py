@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .config import spec_if_any
+
 SAMPLERS = ("fixed", "stock")
 
 
@@ -30,6 +32,13 @@ def make_sampler(model, sampler: str):
     if sampler == "fixed":
         return FixedDDIMSampler(model)
     raise ValueError(f"sampler {sampler!r}: expected one of {SAMPLERS}")
+
+
+def default_fs(model) -> int:
+    """fs when a caller gives none: the model spec's default (5 for 512_interp, whose UNet's own default_fs is
+    24), or the UNet's default_fs for a bare upstream config."""
+    spec = spec_if_any(model.config)
+    return int(spec.defaults.fs) if spec is not None else int(model.model.diffusion_model.default_fs)
 
 
 def image_conditioning(model, videos: torch.Tensor, loop: bool, interp: bool,
@@ -100,7 +109,7 @@ def run_synthesis(
         prompts = [""] * batch_size
     if len(prompts) != batch_size:
         raise ValueError(f"{len(prompts)} prompts for a batch of {batch_size}")
-    fs_value = model.defaults.fs if fs is None else int(fs)
+    fs_value = default_fs(model) if fs is None else int(fs)
     fs_tensor = torch.full((batch_size,), fs_value, dtype=torch.long, device=device)
 
     image = videos[:, :, 0]  # b 3 H W

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from .config import spec_if_any
 from .schedule import DDIMSchedule, DDPMTables, fixed_ddim_schedule, stock_ddim_schedule
 
 logger = logging.getLogger(__name__)
@@ -320,10 +321,11 @@ class FixedDDIMSampler(_DDIMSamplerBase):
 
 
 def default_timestep_spacing(model) -> str:
-    """The model's spacing: `model.default_timestep_spacing`, else "uniform_trailing" for zero-SNR models."""
-    spacing = getattr(model, "default_timestep_spacing", None)
-    if spacing:
-        return str(spacing)
+    """The model spec's spacing; for a bare upstream config, "uniform_trailing" for zero-SNR models, as
+    upstream's run scripts choose, else "uniform"."""
+    spec = spec_if_any(model.config) if getattr(model, "config", None) is not None else None
+    if spec is not None:
+        return spec.defaults.timestep_spacing
     return "uniform_trailing" if getattr(model, "rescale_betas_zero_snr", False) else "uniform"
 
 

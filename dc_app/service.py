@@ -1,9 +1,9 @@
 """What the UI, the API and the CLI call: one method per endpoint, around one loaded model.
 
-Each method validates every field (see dc_app.validation), picks the seed and the sampler(s), runs the
-pipeline under the device lock, writes the mp4 and its JSON, and says in plain words what happened. A
-request ends with a result or a `UserFacingError` whose message can be shown as it is; whatever happens,
-no partial file is left behind and the next request works.
+Each method validates every field (one table: dc_app.settings), picks the seed and the sampler(s), runs the
+pipeline under the device lock, writes the mp4 and its JSON, and returns a `GenerationResult` (dc_app.result):
+data, from which the report in plain words is rendered. A request ends with a result or a `UserFacingError`
+whose message can be shown as it is; whatever happens, no partial file is left behind and the next request works.
 """
 from __future__ import annotations
 
@@ -12,44 +12,29 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .config import TIMESTEP_SPACINGS
+from .config import ModelSpec, model_spec
 from .faults import FaultPlan, InjectedFault
 from .images import prepare_image
 from .loading import dtype_name, offload_mode
 from .model_loader import ModelLoader
 from .options import CFG_MODES
-from .pipeline import SAMPLERS, run_synthesis
+from .pipeline import run_synthesis
+from .result import CRASHED, FINITE, NAN, GenerationResult, SamplerOutcome
 from .schedule import ddim_timesteps
+from .settings import FIELDS_BY_NAME, SEED_RANDOM, GenerationSettings, fields_of
 from .storage import OutputStore
-from .validation import (
-    InputError,
-    UserFacingError,
-    choice,
-    clean_prompt,
-    flag,
-    real_number,
-    seed_value,
-    whole_number,
-)
+from .validation import InputError, UserFacingError, whole_number
 from .video import write_mp4, write_sidecar
 
 log = logging.getLogger("dc_app.service")
 
-STEPS_RANGE = (1, 1000)
-ETA_RANGE = (0.0, 1.0)
-CFG_RANGE = (1.0, 15.0)
-RESCALE_RANGE = (0.0, 1.0)
-
-# Rough seconds per DDIM step (two UNet passes) on one H100, for ZeroGPU's duration estimate.
-_SECONDS_PER_STEP = {"256": 0.2, "512": 0.5, "512_interp": 0.5, "1024": 1.5, "tiny": 0.05}
-_OVERHEAD_S = 20  # encoders, VAE decode, mp4
+_OVERHEAD_S = 20  # encoders, VAE decode, mp4: added to ZeroGPU's duration estimate
 
 
 class Cancelled(UserFacingError):
@@ -62,40 +47,6 @@ class OutOfMemory(UserFacingError):
 
 class RunFailed(UserFacingError):
     """The run could not produce a video (a stock-sampler crash, or an internal error)."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """A validated request: every field in range, defaults filled in from the model."""
-
-    prompt: str
-    steps: int
-    eta: float
-    cfg_scale: float
-    fs: int
-    seed: int
-    guidance_rescale: float
-    timestep_spacing: str
-    perframe_ae: bool
-    decode_chunk_size: int   # frames the VAE decodes at once: 1 with per-frame decode, else the server's chunk
-    cfg_mode: str            # "batched" or "two-call" (dc_app.options.CFG_MODES)
-    notices: tuple[str, ...]
-
-
-@dataclass
-class RunOutcome:
-    """One sampler's run: its files (None when it crashed) and its plain-words report line."""
-
-    sampler: str
-    video: Path | None
-    sidecar: Path | None
-    line: str
-    seconds: float
-    timesteps: tuple[int, ...] = ()  # the DDPM timesteps the sampler ran (empty after a crash)
-
-
-def _fmt_num(x: float) -> str:
-    return f"{x:g}"
 
 
 class PeakMemory:
@@ -120,13 +71,6 @@ class PeakMemory:
         return False
 
 
-def run_note(seconds: float, peak_bytes: int | None) -> str:
-    """'(12.3 s)', or '(12.3 s, peak VRAM 9.87 GiB)' when the run was measured on a GPU."""
-    if peak_bytes is None:
-        return f"({seconds:.1f} s)"
-    return f"({seconds:.1f} s, peak VRAM {peak_bytes / 2**30:.2f} GiB)"
-
-
 class Service:
     """Generation jobs on one loaded model; one job at a time per instance (one instance per device)."""
 
@@ -134,7 +78,7 @@ class Service:
                  store: OutputStore | None = None, fps: int | None = None, decode_chunk_size: int | None = None,
                  cfg_mode: str = "batched"):
         """`model`: a loaded model, or a dc_app.model_loader.ModelLoader still loading one (the service's facts
-        come from its config; requests get a plain "still loading" message until it is ready).
+        come from the model's spec; requests get a plain "still loading" message until it is ready).
 
         `decode_chunk_size` and `cfg_mode` are the server's settings for every request (app and CLI options
         --decode-chunk-size and --cfg-mode); None keeps the model's per-frame or all-frames decode."""
@@ -144,14 +88,15 @@ class Service:
                                               or int(decode_chunk_size) != decode_chunk_size):
             raise ValueError(f"decode_chunk_size {decode_chunk_size!r}: expected a whole number of frames, 1 or more")
         self._source = model
-        self.defaults = model.defaults
+        self.spec: ModelSpec = model_spec(model.config)
+        self.defaults = self.spec.defaults
         self.decode_chunk_size = None if decode_chunk_size is None else int(decode_chunk_size)
         self.cfg_mode = cfg_mode
         if self.decode_chunk_size is not None:
             # A chunk chosen for the server replaces the model's per-frame default in every request (and in the
             # UI's and API's defaults, which read these); a request can still ask for per-frame decode.
-            self.defaults = replace(self.defaults, perframe_ae=self.decode_chunk_size == 1)
-        self.model_name = str(model.config.get("name", "custom"))
+            self.defaults = self.defaults.with_values(perframe_ae=self.decode_chunk_size == 1)
+        self.model_name = self.spec.name
         self.store = store or OutputStore(output_dir)
         self.store.sweep()  # results left by an earlier process age out like any other
         self.fault = fault
@@ -177,7 +122,8 @@ class Service:
 
     @property
     def is_test_model(self) -> bool:
-        return self.model_name == "tiny"
+        """Seeded random weights (tiny models): videos are noise, the page says so."""
+        return self.spec.random_weights
 
     @property
     def is_interp_model(self) -> bool:
@@ -186,107 +132,65 @@ class Service:
     def gpu_seconds(self, steps: Any = None, runs: int = 1) -> int:
         """ZeroGPU duration estimate for a request (bad input gets the default; validation rejects it later)."""
         try:
-            n = whole_number("steps", steps, *STEPS_RANGE)
+            n = whole_number("steps", steps, *FIELDS_BY_NAME["steps"].bounds)
         except InputError:
             n = self.defaults.ddim_steps
-        per_step = _SECONDS_PER_STEP.get(self.model_name, 1.5)
-        return int(min(600, _OVERHEAD_S + runs * n * per_step))
+        return int(min(600, _OVERHEAD_S + runs * n * self.defaults.seconds_per_step))
 
     # ----------------------------------------------------------------------------------- validation
-    def validate(self, prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing,
-                 perframe_ae) -> Request:
-        """Every field checked, None replaced by the model's default; raises InputError naming the field."""
-        d = self.defaults
+    def settings_for(self, values: Mapping[str, Any] | None = None, endpoint: str = "generate") -> GenerationSettings:
+        """Every field of `values` checked, None or absent replaced by the model's default; raises InputError
+        naming the field (also for a field the endpoint does not take)."""
+        values = dict(values or {})
+        allowed = {f.name for f in fields_of(endpoint)}
+        extra = sorted(k for k in values if k in FIELDS_BY_NAME and k not in allowed)
+        if extra:
+            raise InputError(f"{extra[0]}: not a setting of {endpoint}")
         text_encoder = getattr(self.model, "cond_stage_model", None)
-        num_tokens = getattr(text_encoder, "num_tokens", None)
-        context_length = int(getattr(text_encoder, "context_length", 77))
-        prompt, notices = clean_prompt(prompt, num_tokens, context_length)
-        fs_lo, fs_hi = d.fs_range
-
-        def given(value, default):
-            return default if value is None else value
-
-        perframe_ae = flag("perframe_ae", given(perframe_ae, d.perframe_ae))
-        batched_chunk = min(self.decode_chunk_size or self.frames, self.frames)
-        return Request(
-            prompt=prompt,
-            steps=whole_number("steps", given(steps, d.ddim_steps), *STEPS_RANGE),
-            eta=real_number("eta", given(eta, d.ddim_eta), *ETA_RANGE),
-            cfg_scale=real_number("cfg_scale", given(cfg_scale, d.cfg_scale), *CFG_RANGE),
-            fs=whole_number("fs", given(fs, d.fs), fs_lo, fs_hi),
-            seed=seed_value(given(seed, -1)),
-            guidance_rescale=real_number("guidance_rescale", given(guidance_rescale, d.guidance_rescale),
-                                         *RESCALE_RANGE),
-            timestep_spacing=choice("timestep_spacing", given(timestep_spacing, d.timestep_spacing),
-                                    TIMESTEP_SPACINGS),
-            perframe_ae=perframe_ae,
-            decode_chunk_size=1 if perframe_ae else batched_chunk,
-            cfg_mode=self.cfg_mode,
-            notices=tuple(notices),
-        )
+        return GenerationSettings.from_request(
+            self.defaults, values, num_tokens=getattr(text_encoder, "num_tokens", None),
+            context_length=int(getattr(text_encoder, "context_length", 77)))
 
     # ------------------------------------------------------------------------------------- endpoints
-    def generate(self, image, prompt: str = "", steps: int | None = None, eta: float | None = None,
-                 cfg_scale: float | None = None, fs: int | None = None, seed: int = -1,
-                 guidance_rescale: float | None = None, timestep_spacing: str | None = None,
-                 sampler: str = "fixed", perframe_ae: bool | None = None, *,
-                 progress: Callable[[int, int, str], None] | None = None,
-                 cancel: threading.Event | None = None) -> tuple[str, str, int]:
-        """One video -> (mp4 path, report, seed used). None for a setting means the model's default."""
-        sampler = choice("sampler", "fixed" if sampler is None else sampler, SAMPLERS)
-        req = self.validate(prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing,
-                            perframe_ae)
+    def generate(self, image, *, progress: Callable[[int, int, str], None] | None = None,
+                 cancel: threading.Event | None = None, **values) -> GenerationResult:
+        """One video. `values`: the request's settings by name (dc_app.settings.FIELDS); absent or None means
+        the model's default."""
+        settings = self.settings_for(values, "generate")
         videos = self._i2v_input(image)
-        outcomes, seed_used = self._run_job(req, videos, [sampler], progress, cancel, interp=False, loop=False)
-        out = outcomes[0]
-        report = self._report(req, seed_used, outcomes)
-        if out.video is None:
-            raise RunFailed(report)
-        return str(out.video), report, seed_used
+        return self._finish(self._run_job(settings, videos, [settings.sampler], progress, cancel,
+                                          interp=False, loop=False))
 
-    def compare(self, image, prompt: str = "", steps: int | None = None, eta: float | None = None,
-                cfg_scale: float | None = None, fs: int | None = None, seed: int = -1,
-                guidance_rescale: float | None = None, timestep_spacing: str | None = None,
-                perframe_ae: bool | None = None, *,
-                progress: Callable[[int, int, str], None] | None = None,
-                cancel: threading.Event | None = None) -> tuple[str | None, str, str]:
-        """Stock and fixed on the same seed and noise -> (stock mp4 or None after a crash, fixed mp4, report)."""
-        req = self.validate(prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing,
-                            perframe_ae)
+    def compare(self, image, *, progress: Callable[[int, int, str], None] | None = None,
+                cancel: threading.Event | None = None, **values) -> GenerationResult:
+        """Stock and fixed on the same seed and noise; `result.stock` is the stock run (no video after a crash)."""
+        settings = self.settings_for(values, "compare")
         videos = self._i2v_input(image)
-        outcomes, seed_used = self._run_job(req, videos, ["stock", "fixed"], progress, cancel,
-                                            interp=False, loop=False)
-        stock, fixed = outcomes
-        report = self._report(req, seed_used, outcomes)
-        if fixed.video is None:
-            raise RunFailed(report)
-        return (str(stock.video) if stock.video else None), str(fixed.video), report
+        return self._finish(self._run_job(settings, videos, ["stock", "fixed"], progress, cancel,
+                                          interp=False, loop=False))
 
-    def interpolate(self, image, image2=None, prompt: str = "", steps: int | None = None,
-                    eta: float | None = None, cfg_scale: float | None = None, fs: int | None = None,
-                    seed: int = -1, guidance_rescale: float | None = None, timestep_spacing: str | None = None,
-                    sampler: str = "fixed", perframe_ae: bool | None = None, *,
-                    progress: Callable[[int, int, str], None] | None = None,
-                    cancel: threading.Event | None = None) -> tuple[str, str, int]:
-        """512_interp: a video from `image` to `image2`; without `image2`, a loop back to `image`."""
+    def interpolate(self, image, image2=None, *, progress: Callable[[int, int, str], None] | None = None,
+                    cancel: threading.Event | None = None, **values) -> GenerationResult:
+        """Interpolation models: a video from `image` to `image2`; without `image2`, a loop back to `image`."""
         if not self.is_interp_model:
             raise InputError(
                 f"interpolate: the {self.model_name} model cannot interpolate; start the app with --model 512_interp"
             )
-        sampler = choice("sampler", "fixed" if sampler is None else sampler, SAMPLERS)
-        req = self.validate(prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing,
-                            perframe_ae)
+        settings = self.settings_for(values, "interpolate")
         first = prepare_image(image, *self.frame_size, field="image")
         loop = image2 is None
         last = first if loop else prepare_image(image2, *self.frame_size, field="image2")
         half = (self.frames + 1) // 2
         frames = [first] * half + [last] * (self.frames - half)
         videos = torch.stack(frames, dim=1).unsqueeze(0)  # 1 3 t H W
-        outcomes, seed_used = self._run_job(req, videos, [sampler], progress, cancel, interp=True, loop=loop)
-        report = self._report(req, seed_used, outcomes)
-        if outcomes[0].video is None:
-            raise RunFailed(report)
-        return str(outcomes[0].video), report, seed_used
+        return self._finish(self._run_job(settings, videos, [settings.sampler], progress, cancel,
+                                          interp=True, loop=loop))
+
+    @staticmethod
+    def _finish(result: GenerationResult) -> GenerationResult:
+        if result.video is None:  # the request's own sampler crashed (stock, asked for alone)
+            raise RunFailed(result.report())
+        return result
 
     @staticmethod
     def sidecar_of(video_path: str | Path | None) -> str | None:
@@ -305,9 +209,13 @@ class Service:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled before it started")
 
-    def _run_job(self, req: Request, videos: torch.Tensor, samplers: list[str], progress, cancel,
-                 interp: bool, loop: bool) -> tuple[list[RunOutcome], int]:
-        seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
+    def _decode_chunk(self, settings: GenerationSettings) -> int:
+        """Frames the VAE decodes at once: 1 with per-frame decode, else the server's chunk (or all frames)."""
+        return 1 if settings.perframe_ae else min(self.decode_chunk_size or self.frames, self.frames)
+
+    def _run_job(self, settings: GenerationSettings, videos: torch.Tensor, samplers: list[str], progress, cancel,
+                 interp: bool, loop: bool) -> GenerationResult:
+        seed = settings.seed if settings.seed != SEED_RANDOM else secrets.randbelow(2**32)
         self._acquire(cancel)
         written: list[Path] = []
         failure: UserFacingError | None = None
@@ -317,9 +225,10 @@ class Service:
             outcomes = []
             for k, name in enumerate(samplers):
                 label = f"{name} sampler" + (f" ({k + 1} of {len(samplers)})" if len(samplers) > 1 else "")
-                outcomes.append(self._run_one(req, videos, name, seed, progress, cancel, label, interp, loop,
+                outcomes.append(self._run_one(settings, videos, name, seed, progress, cancel, label, interp, loop,
                                               written))
-            return outcomes, seed
+            return GenerationResult(settings=settings, seed=seed, model_name=self.model_name,
+                                    outcomes=tuple(outcomes), schedule_notes=self._schedule_notes(settings, outcomes))
         except Exception as err:
             # A request that fails leaves nothing: not half a compare, not a sidecar without its video.
             for p in written:
@@ -347,8 +256,8 @@ class Service:
         self._free_memory()
         raise failure
 
-    def _run_one(self, req: Request, videos: torch.Tensor, sampler: str, seed: int, progress, cancel,
-                 label: str, interp: bool, loop: bool, written: list[Path]) -> RunOutcome:
+    def _run_one(self, settings: GenerationSettings, videos: torch.Tensor, sampler: str, seed: int, progress,
+                 cancel, label: str, interp: bool, loop: bool, written: list[Path]) -> SamplerOutcome:
         model = self.model
         h, w = model.image_size
         noise_shape = [1, model.channels, self.frames, h, w]
@@ -370,14 +279,15 @@ class Service:
             raise Cancelled("cancelled before it started")
         self._stage = f"sampling with the {sampler} sampler"
         peak = PeakMemory(model.device)
+        decode_chunk = self._decode_chunk(settings)
         try:
             with peak:
                 result = run_synthesis(
-                    model, sampler, [req.prompt], videos, noise_shape, n_samples=1, ddim_steps=req.steps,
-                    ddim_eta=req.eta, unconditional_guidance_scale=req.cfg_scale, fs=req.fs,
-                    timestep_spacing=req.timestep_spacing, guidance_rescale=req.guidance_rescale,
+                    model, sampler, [settings.prompt], videos, noise_shape, n_samples=1, ddim_steps=settings.steps,
+                    ddim_eta=settings.eta, unconditional_guidance_scale=settings.cfg_scale, fs=settings.fs,
+                    timestep_spacing=settings.timestep_spacing, guidance_rescale=settings.guidance_rescale,
                     interp=interp, loop=loop, generator=generator, callback=on_step,
-                    decode_chunk_size=req.decode_chunk_size, batched_cfg=req.cfg_mode == "batched",
+                    decode_chunk_size=decode_chunk, batched_cfg=self.cfg_mode == "batched",
                 )
         except (torch.OutOfMemoryError, MemoryError):
             raise OutOfMemory(
@@ -394,8 +304,8 @@ class Service:
             if sampler != "stock":
                 raise
             # Upstream's sampler fails on some settings; that is what the compare view exists to show.
-            seconds = time.perf_counter() - started
-            return RunOutcome(sampler, None, None, f"stock: crashed: {err} {run_note(seconds, peak.bytes)}", seconds)
+            return SamplerOutcome(sampler, CRASHED, time.perf_counter() - started, peak_bytes=peak.bytes,
+                                  crash_reason=str(err))
 
         video = result.videos[0, 0]  # 3 t H W
         mp4, sidecar = self.store.new_paths(sampler)
@@ -403,11 +313,23 @@ class Service:
         written.append(mp4)
         self._stage = "writing the video"
         write_mp4(video, mp4, fps=self.fps, on_frame=frame_hook)
-        seconds = time.perf_counter() - started
-        line = f"{sampler}: {self._health(result, video)} {run_note(seconds, peak.bytes)}"
+        outcome = self._outcome(sampler, result, video, time.perf_counter() - started, peak.bytes, mp4, sidecar)
         written.append(sidecar)
-        write_sidecar(sidecar, self._settings(req, seed, sampler, result, line, seconds, interp, loop, peak.bytes))
-        return RunOutcome(sampler, mp4, sidecar, line, seconds, tuple(result.ddim_timesteps))
+        write_sidecar(sidecar, self._sidecar(settings, seed, outcome, decode_chunk, interp, loop))
+        return outcome
+
+    @staticmethod
+    def _outcome(sampler: str, result, video: torch.Tensor, seconds: float, peak_bytes: int | None,
+                 mp4: Path, sidecar: Path) -> SamplerOutcome:
+        """What a finished run amounts to: finite, or where NaN appeared and how much of the video it blacked out."""
+        black_share = float((~torch.isfinite(video)).float().mean())
+        timesteps = tuple(int(t) for t in result.ddim_timesteps)
+        nf = result.nonfinite
+        status = FINITE if nf is None and black_share == 0 else NAN
+        return SamplerOutcome(
+            sampler, status, seconds, video=mp4, sidecar=sidecar, peak_bytes=peak_bytes, timesteps=timesteps,
+            nan_step=None if nf is None else int(nf["step"]) + 1,
+            nan_timestep=None if nf is None else int(nf["timestep"]), black_share=black_share)
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -415,66 +337,29 @@ class Service:
             torch.cuda.empty_cache()
 
     # --------------------------------------------------------------------------------------- reports
-    @staticmethod
-    def _health(result, video: torch.Tensor) -> str:
-        """'finite', or where NaN appeared and how much of the video it blacked out."""
-        bad = ~torch.isfinite(video)
-        n_steps = len(result.ddim_timesteps)
-        if result.nonfinite is None and not bool(bad.any()):
-            return "finite"
-        where = ""
-        if result.nonfinite is not None:
-            nf = result.nonfinite
-            where = f" from step {int(nf['step']) + 1} of {n_steps} (t={int(nf['timestep'])})"
-        share = float(bad.float().mean())
-        if share == 1.0:
-            effect = "video is black"
-        elif share > 0:
-            effect = f"{100 * share:.0f}% of the video is black"
-        else:
-            effect = "the final video is finite all the same"
-        return f"NaN{where}: {effect}"
-
-    def _report(self, req: Request, seed: int, outcomes: list[RunOutcome]) -> str:
-        lines = [o.line for o in outcomes]
-        lines.extend(self._schedule_notes(req, outcomes))
-        lines.append(
-            f"settings: {req.steps} steps ({req.timestep_spacing}), eta {_fmt_num(req.eta)}, "
-            f"CFG {_fmt_num(req.cfg_scale)}, fs {req.fs}, guidance rescale {_fmt_num(req.guidance_rescale)}, "
-            f"seed {seed}, model {self.model_name}"
-        )
-        lines.extend(req.notices)
-        return "\n".join(lines)
-
-    def _schedule_notes(self, req: Request, outcomes: list[RunOutcome]) -> list[str]:
+    def _schedule_notes(self, settings: GenerationSettings, outcomes: list[SamplerOutcome]) -> tuple[str, ...]:
         """What the spacing did to the step count, and what the fixed sampler repaired, in words."""
         notes = []
-        upstream = [int(t) for t in ddim_timesteps(req.timestep_spacing, req.steps, self.model.num_timesteps)]
-        if len(upstream) != req.steps:
-            notes.append(f"steps: {req.timestep_spacing} spacing runs {len(upstream)} steps for the {req.steps} "
-                          f"asked (upstream's rounding, kept so results match upstream's)")
+        upstream = [int(t) for t in ddim_timesteps(settings.timestep_spacing, settings.steps,
+                                                   self.model.num_timesteps)]
+        if len(upstream) != settings.steps:
+            notes.append(f"steps: {settings.timestep_spacing} spacing runs {len(upstream)} steps for the "
+                         f"{settings.steps} asked (upstream's rounding, kept so results match upstream's)")
         invalid = [t for t in upstream if not 0 <= t < self.model.num_timesteps]
         fixed = next((o for o in outcomes if o.sampler == "fixed" and o.timesteps), None)
         if invalid and fixed is not None:
             replaced = sorted(set(fixed.timesteps) - set(upstream))
             notes.append(f"fixed: timestep {', '.join(map(str, invalid))} is outside "
                          f"0..{self.model.num_timesteps - 1}; it ran {', '.join(map(str, replaced))} instead")
-        return notes
+        return tuple(notes)
 
-    def _settings(self, req: Request, seed: int, sampler: str, result, line: str, seconds: float,
-                  interp: bool, loop: bool, peak_vram_bytes: int | None = None) -> dict:
+    def _sidecar(self, settings: GenerationSettings, seed: int, outcome: SamplerOutcome, decode_chunk: int,
+                 interp: bool, loop: bool) -> dict:
         record = {
             "model": self.model_name,
-            "sampler": sampler,
-            "prompt": req.prompt,
+            **settings.as_dict(),
+            "sampler": outcome.sampler,
             "seed": seed,
-            "steps": req.steps,
-            "eta": req.eta,
-            "cfg_scale": req.cfg_scale,
-            "fs": req.fs,
-            "guidance_rescale": req.guidance_rescale,
-            "timestep_spacing": req.timestep_spacing,
-            "perframe_ae": req.perframe_ae,
             "interp": interp,
             "loop": loop,
             "frames": self.frames,
@@ -485,13 +370,13 @@ class Service:
             "dtype": dtype_name(self.model.dtype),
             "vae_dtype": dtype_name(self.model.vae_dtype),
             "offload": offload_mode(self.model),
-            "decode_chunk_size": req.decode_chunk_size,
-            "cfg_mode": req.cfg_mode,
-            "ddim_timesteps": result.ddim_timesteps,
-            "report": line,
-            "seconds": round(seconds, 3),
+            "decode_chunk_size": decode_chunk,
+            "cfg_mode": self.cfg_mode,
+            "ddim_timesteps": list(outcome.timesteps),
+            "report": outcome.line(),
+            "seconds": round(outcome.seconds, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        if peak_vram_bytes is not None:  # CUDA runs only: a CPU run has no VRAM figure
-            record["peak_vram_bytes"] = peak_vram_bytes
+        if outcome.peak_bytes is not None:  # CUDA runs only: a CPU run has no VRAM figure
+            record["peak_vram_bytes"] = outcome.peak_bytes
         return record

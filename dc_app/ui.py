@@ -6,11 +6,11 @@ import logging
 import gradio as gr
 from gradio.exceptions import InvalidPathError
 
-from .service import CFG_RANGE, ETA_RANGE, RESCALE_RANGE, Service
+from .service import Service
+from .settings import FIELDS_BY_NAME, Field, fields_of
 from .storage import MIN_KEEP_S
 from .uploads import ASSETS_DIR, NOT_AN_UPLOAD
 from .ui_handlers import (
-    SPACINGS,
     api_functions,
     model_banner,
     random_seed,
@@ -24,7 +24,8 @@ from .validation import SEED_MAX
 
 log = logging.getLogger("dc_app.ui")
 CONCURRENCY_ID = "device"  # every generating event shares one slot: one generation per device at a time
-UI_MAX_STEPS = 100         # the slider's end; the API accepts up to 1000
+UI_MAX_STEPS = FIELDS_BY_NAME["steps"].ui_max  # the slider's end; the API accepts up to 1000
+FS_LABELS = {"frame stride": "frame stride", "fps": "motion, as fps"}
 STATUS_REFRESH_S = 2.0     # how often the page asks what the loading model is doing
 # Gradio's cache (uploads, copies of results): swept every 30 min, files older than 2 h removed.
 DELETE_CACHE = (1800, 2 * MIN_KEEP_S)
@@ -41,14 +42,17 @@ CSS = """
 #report textarea { font-family: ui-monospace, monospace; }
 """
 
-# (image, prompt, steps, eta, spacing, compare): settings worth showing. The 7-step uniform_trailing eta-1
-# run breaks upstream's sampler on zero-SNR models (NaN at step 1); 36 uniform steps crash it on every model.
+# Settings worth showing (the rest: the model's defaults). The 7-step uniform_trailing eta-1 run breaks upstream's
+# sampler on zero-SNR models (NaN at step 1); 36 uniform steps crash it on every model.
 _EXAMPLES = [
-    ("rocket.jpg", "a rocket lifting off, smoke billowing", 7, 1.0, "uniform_trailing", True),
-    ("coffee.jpg", "steam rising from a cup of coffee", 36, 1.0, "uniform", True),
-    ("astronaut.jpg", "an astronaut waving at the camera", None, None, None, False),
-    ("chelsea.jpg", "a cat turning its head", None, None, None, False),
+    ("rocket.jpg", dict(prompt="a rocket lifting off, smoke billowing", steps=7, eta=1.0,
+                        timestep_spacing="uniform_trailing"), True),
+    ("coffee.jpg", dict(prompt="steam rising from a cup of coffee", steps=36, eta=1.0, timestep_spacing="uniform"),
+     True),
+    ("astronaut.jpg", dict(prompt="an astronaut waving at the camera"), False),
+    ("chelsea.jpg", dict(prompt="a cat turning its head"), False),
 ]
+EXAMPLE_SEED = 123
 
 
 class AppBlocks(gr.Blocks):
@@ -77,57 +81,71 @@ class AppBlocks(gr.Blocks):
 
 def _banner(service: Service) -> str:
     if service.is_test_model:
-        return ("**Test model.** `tiny` has seeded random weights: its videos are noise. It exists so the app "
-                "and its tests run on a CPU in seconds; start the app with `--model 512` for real videos.")
+        return (f"**Test model.** `{service.model_name}` has seeded random weights: its videos are noise. It "
+                f"exists so the app and its tests run on a CPU in seconds; start the app with `--model 512` for "
+                f"real videos.")
     return ""
 
 
 def _examples(service: Service) -> list[list]:
-    d = service.defaults
+    """Example rows in the Generate event's input order: image, every /generate setting, compare."""
     rows = []
-    for name, prompt, steps, eta, spacing, compare in _EXAMPLES:
+    for name, chosen, compare in _EXAMPLES:
         path = ASSETS_DIR / name
         if path.is_file():
-            rows.append([str(path), prompt, steps or d.ddim_steps, d.ddim_eta if eta is None else eta,
-                         d.cfg_scale, d.fs, 123, d.guidance_rescale, spacing or d.timestep_spacing, "fixed",
-                         d.perframe_ae, compare])
+            values = {f.name: f.default_for(service.defaults) for f in fields_of("generate")}
+            values.update(chosen, seed=EXAMPLE_SEED)
+            rows.append([str(path)] + [values[f.name] for f in fields_of("generate")] + [compare])
     return rows
 
 
-def _settings(service: Service, prefix: str = "") -> dict:
-    """The setting controls (inside the current layout context), keyed by the service's argument names.
-
-    `prefix` keeps element ids unique when a second tab has its own set.
-    """
+def _control(f: Field, service: Service, prefix: str) -> gr.components.Component:
+    """The UI control of one setting, from its row in the settings table."""
     d = service.defaults
+    elem_id, default = prefix + f.elem_id, f.default_for(d)
+    if f.kind == "text":
+        return gr.Textbox(label=f.label, placeholder=f.help, max_lines=3, elem_id=elem_id)
+    if f.kind == "seed":
+        return gr.Number(value=default, precision=0, minimum=-1, maximum=SEED_MAX, label=f.label, elem_id=elem_id)
+    if f.kind == "choice":
+        return gr.Radio(list(f.choices), value=default, label=f.label, info=f.help, elem_id=elem_id)
+    if f.kind == "flag":
+        return gr.Checkbox(value=default, label=f.label, elem_id=elem_id)
+    lo, hi = f.bounds_for(d)
+    hi = min(hi, f.ui_max) if f.ui_max is not None else hi
+    label = f"{f.label} ({FS_LABELS[d.fs_meaning]})" if f.name == "fs" else f.label
+    return gr.Slider(lo, hi, value=min(default, hi), step=f.ui_step, label=label, elem_id=elem_id)
+
+
+def _settings(service: Service, endpoint: str, prefix: str = "") -> dict:
+    """The controls of an endpoint's settings (inside the current layout context), keyed by the settings' names,
+    in the table's order: the main ones two to a row, the advanced ones in an accordion. `prefix` keeps element
+    ids unique when a second tab has its own set."""
     c = {}
-    c["prompt"] = gr.Textbox(label="Prompt", placeholder="what should move, and how", max_lines=3,
-                             elem_id=f"{prefix}prompt")
-    with gr.Row():
-        c["steps"] = gr.Slider(1, UI_MAX_STEPS, value=min(d.ddim_steps, UI_MAX_STEPS), step=1,
-                               label="Sampling steps", elem_id=f"{prefix}steps")
-        c["eta"] = gr.Slider(*ETA_RANGE, value=d.ddim_eta, step=0.05, label="eta (DDIM noise)",
-                             elem_id=f"{prefix}eta")
-    with gr.Row():
-        c["cfg_scale"] = gr.Slider(*CFG_RANGE, value=d.cfg_scale, step=0.5, label="CFG scale",
-                                   elem_id=f"{prefix}cfg")
-        c["fs"] = gr.Slider(*d.fs_range, value=d.fs, step=1,
-                            label="fs (frame stride)" if d.fs_range[1] <= 6 else "fs (motion, as fps)",
-                            elem_id=f"{prefix}fs")
-    with gr.Row():
-        c["seed"] = gr.Number(value=-1, precision=0, minimum=-1, maximum=SEED_MAX, label="Seed (-1: random)",
-                              elem_id=f"{prefix}seed")
-        c["random_seed"] = gr.Button("Random seed", size="sm", elem_id=f"{prefix}random-seed")
+    main = [f for f in fields_of(endpoint) if not f.advanced]
+    c[main[0].name] = _control(main[0], service, prefix)  # the prompt, full width
+    for pair in (main[k:k + 2] for k in range(1, len(main), 2)):
+        with gr.Row():
+            for f in pair:
+                c[f.name] = _control(f, service, prefix)
+    c["random_seed"] = gr.Button("Random seed", size="sm", elem_id=f"{prefix}random-seed")
     with gr.Accordion("Advanced", open=False):
-        c["guidance_rescale"] = gr.Slider(*RESCALE_RANGE, value=d.guidance_rescale, step=0.05,
-                                          label="Guidance rescale", elem_id=f"{prefix}guidance-rescale")
-        c["timestep_spacing"] = gr.Radio(SPACINGS, value=d.timestep_spacing, label="Timestep spacing",
-                                         elem_id=f"{prefix}spacing")
-        c["sampler"] = gr.Radio(["fixed", "stock"], value="fixed", label="Sampler", elem_id=f"{prefix}sampler",
-                                info="fixed never gives NaN; stock is upstream's, failures included")
-        c["perframe_ae"] = gr.Checkbox(value=d.perframe_ae, label="VAE per-frame decode (less memory)",
-                                       elem_id=f"{prefix}perframe")
+        for f in fields_of(endpoint):
+            if f.advanced:
+                c[f.name] = _control(f, service, prefix)
     return c
+
+
+def _follow_schedule(service: Service, c: dict, plot, plot_note) -> None:
+    """The plot and its note follow every change of steps, eta and spacing: dragging, typing, example rows.
+
+    `.change` fires for programmatic updates too (an example row), which `.release` never does; typing a
+    number fires it on every keystroke, which the plot (pure arithmetic, no model run) keeps up with.
+    """
+    schedule_inputs = [c["steps"], c["eta"], c["timestep_spacing"]]
+    gr.on([c["steps"].change, c["eta"].change, c["timestep_spacing"].change], ui_schedule(service),
+          inputs=schedule_inputs, outputs=[plot, plot_note], queue=False, api_visibility="private",
+          show_progress="hidden")
 
 
 def build_demo(service: Service) -> gr.Blocks:
@@ -150,7 +168,7 @@ def build_demo(service: Service) -> gr.Blocks:
                 with gr.Column():
                     image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
                                      image_mode=None, elem_id="image")
-                    s = _settings(service)
+                    s = _settings(service, "generate")
                     compare = gr.Checkbox(label="Compare stock and fixed samplers side by side",
                                           elem_id="compare")
                     with gr.Row():
@@ -168,17 +186,15 @@ def build_demo(service: Service) -> gr.Blocks:
                             video_note = gr.Markdown(elem_id="video-note")
                     report = gr.Textbox(label="Report", lines=4, interactive=False, elem_id="report")
                     with gr.Row():
-                        seed_used = gr.Number(value=None, label="Seed used", precision=0, interactive=False,
-                                              elem_id="seed-used")
+                        # A textbox, not a Number: a Number shows 0 before any run, which reads like a seed.
+                        seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
                         settings_file = gr.File(label="Settings (JSON)", interactive=False, elem_id="settings")
                     plot = gr.LinePlot(x="step", y="value", color="curve", height=300, elem_id="schedule-plot",
                                        color_map=PLOT_COLOURS, caption=PLOT_CAPTION,
                                        label="DDIM schedule: sigma and the square-root argument per step",
                                        x_title="step (1 = noisiest)", y_title="value")
                     plot_note = gr.Markdown(elem_id="schedule-note")
-            order = ["prompt", "steps", "eta", "cfg_scale", "fs", "seed", "guidance_rescale", "timestep_spacing",
-                     "sampler", "perframe_ae"]
-            inputs = [image] + [s[k] for k in order] + [compare]
+            inputs = [image] + [s[f.name] for f in fields_of("generate")] + [compare]
             examples = _examples(service)
             if examples:
                 gr.Examples(examples, inputs=inputs,
@@ -188,6 +204,7 @@ def build_demo(service: Service) -> gr.Blocks:
             ui_run(service, rule), inputs=inputs,
             outputs=[stock_column, stock_video, stock_note, video, video_note, report, seed_used, settings_file],
             concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
+            show_progress_on=[stock_video, video],  # the bar belongs on the videos, not on the small boxes
         )
         # Cancelling the event makes the running handler tell the sampler to stop (dc_app.ui_handlers).
         cancel_btn.click(lambda: "cancelled", outputs=report, cancels=[run_event], queue=False,
@@ -195,13 +212,12 @@ def build_demo(service: Service) -> gr.Blocks:
         s["random_seed"].click(random_seed, outputs=s["seed"], queue=False, api_visibility="private")
         compare.change(lambda on: gr.update(visible=on), inputs=compare, outputs=stock_column, queue=False,
                        api_visibility="private")
-        schedule_inputs = [s["steps"], s["eta"], s["timestep_spacing"]]
         # While the model loads: the banner says what happens, every STATUS_REFRESH_S; the plot follows when ready.
-        gr.on([demo.load, status_timer.tick], ui_model_status(service), inputs=schedule_inputs,
-              outputs=[model_status, status_timer, plot, plot_note], queue=False, api_visibility="private")
-        gr.on([s["steps"].release, s["eta"].release, s["timestep_spacing"].change],
-              ui_schedule(service), inputs=schedule_inputs, outputs=[plot, plot_note], queue=False,
-              api_visibility="private")
+        gr.on([demo.load, status_timer.tick], ui_model_status(service),
+              inputs=[s["steps"], s["eta"], s["timestep_spacing"]],
+              outputs=[model_status, status_timer, plot, plot_note], queue=False, api_visibility="private",
+              show_progress="hidden")
+        _follow_schedule(service, s, plot, plot_note)
 
         if service.is_interp_model:
             with gr.Tab("Interpolation / loop"):
@@ -214,7 +230,7 @@ def build_demo(service: Service) -> gr.Blocks:
                                              elem_id="interp-image")
                             second = gr.Image(label="Last frame (empty: loop)", type="filepath", image_mode=None,
                                               elem_id="interp-image2")
-                        si = _settings(service, prefix="interp-")
+                        si = _settings(service, "interpolate", prefix="interp-")
                         with gr.Row():
                             interp_btn = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
                             interp_cancel = gr.Button("Cancel", variant="stop")
@@ -223,13 +239,14 @@ def build_demo(service: Service) -> gr.Blocks:
                                                 interactive=False)
                         interp_report = gr.Textbox(label="Report", lines=3, interactive=False)
                         with gr.Row():
-                            interp_seed = gr.Number(value=None, label="Seed used", precision=0, interactive=False)
+                            interp_seed = gr.Textbox(label="Seed used", interactive=False)
                             interp_file = gr.File(label="Settings (JSON)", interactive=False)
                 interp_event = interp_btn.click(
                     ui_interpolate(service, rule),
-                    inputs=[first, second] + [si[k] for k in order],
+                    inputs=[first, second] + [si[f.name] for f in fields_of("interpolate")],
                     outputs=[interp_video, interp_report, interp_seed, interp_file],
                     concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
+                    show_progress_on=[interp_video],
                 )
                 interp_cancel.click(lambda: "cancelled", outputs=interp_report, cancels=[interp_event],
                                     queue=False, api_visibility="private")

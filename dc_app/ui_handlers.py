@@ -11,20 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import json
+import inspect
 import logging
 import secrets
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gradio as gr
 from gradio import FileData
 from gradio import utils as gradio_utils
 
-from .config import TIMESTEP_SPACINGS
 from .schedule_view import schedule_view
 from .service import Service
+from .settings import fields_of
 from .uploads import UploadRule
 from .validation import SEED_MAX, InputError, UserFacingError, flag
 
@@ -103,56 +103,71 @@ def _payload_path(rule: UploadRule, value: Any, field: str) -> str | None:
         raise gr.Error(str(err), print_exception=False) from None
 
 
-def _file(path: str | None) -> FileData | None:
-    return None if path is None else FileData(path=path)
+def _file(path: str | Path | None) -> FileData | None:
+    return None if path is None else FileData(path=str(path))
+
+
+def _with_signature(fn: Callable, params: list[inspect.Parameter], returns: Any, name: str, doc: str) -> Callable:
+    """`fn(*args)` presented to Gradio as a function of `params`: gr.api reads the parameter names, types and
+    defaults from the signature, and Gradio passes the inputs (and gr.Progress) positionally in that order."""
+    fn.__signature__ = inspect.Signature(params, return_annotation=returns)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return fn
+
+
+def _setting_params(service: Service, endpoint: str) -> list[inspect.Parameter]:
+    """One parameter per setting of `endpoint` (dc_app.settings.FIELDS), with the model's default."""
+    return [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default_for(service.defaults),
+                              annotation=f.python_type) for f in fields_of(endpoint)]
+
+
+_IMAGE = inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=FileData)
+_IMAGE2 = inspect.Parameter("image2", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                            annotation=Optional[FileData])
+
+# What each endpoint answers, as the API has always answered it: (mp4, report, seed used) for one video,
+# (stock mp4 or None after a stock crash, fixed mp4, report) for a compare. The return types are given as text,
+# as the first release's `from __future__ import annotations` functions gave them: gr.api then sends the tuple as
+# one output, which is the answer shape API callers already rely on (a real tuple type would make three).
+_RETURNS = {
+    "generate": ("tuple[FileData, str, int]", lambda r: (_file(r.video), r.report(), r.seed)),
+    "compare": ("tuple[FileData | None, FileData, str]",
+                lambda r: (_file(r.stock.video), _file(r.video), r.report())),
+    "interpolate": ("tuple[FileData, str, int]", lambda r: (_file(r.video), r.report(), r.seed)),
+}
+_DOCS = {
+    "generate": "Image to video. Returns (mp4, report, seed used).",
+    "compare": "Stock and fixed samplers on the same seed and noise. Returns (stock mp4 or None, fixed mp4, report).",
+    "interpolate": "Interpolation models: a video from image to image2 (without image2: a loop). "
+                   "Returns (mp4, report, seed used).",
+}
 
 
 def api_functions(service: Service, rule: UploadRule | None = None) -> dict[str, Callable]:
-    """The named API endpoints: the service's arguments and defaults, typed for gr.api."""
-    d = service.defaults
+    """The named API endpoints, generated from the settings table: `image` (and `image2` for /interpolate),
+    then one parameter per setting, with the model's defaults."""
     rule = rule or upload_rule(service)
-    gen_gpu = on_device(service, "generate")
-    cmp_gpu = on_device(service, "compare", runs=2)
-    int_gpu = on_device(service, "interpolate")
+    endpoints = ["generate", "compare"] + (["interpolate"] if service.is_interp_model else [])
+    return {name: _api_endpoint(service, rule, name) for name in endpoints}
 
-    async def generate(image: FileData, prompt: str = "", steps: int = d.ddim_steps, eta: float = d.ddim_eta,
-                       cfg_scale: float = d.cfg_scale, fs: int = d.fs, seed: int = -1,
-                       guidance_rescale: float = d.guidance_rescale, timestep_spacing: str = d.timestep_spacing,
-                       sampler: str = "fixed", perframe_ae: bool = d.perframe_ae) -> tuple[FileData, str, int]:
-        """Image to video. Returns (mp4, report, seed used)."""
-        video, report, seed_used = await run_cancellable(
-            gen_gpu, image=_payload_path(rule, image, "image"), prompt=prompt, steps=steps, eta=eta,
-            cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
-            timestep_spacing=timestep_spacing, sampler=sampler, perframe_ae=perframe_ae)
-        return _file(video), report, seed_used
 
-    async def compare(image: FileData, prompt: str = "", steps: int = d.ddim_steps, eta: float = d.ddim_eta,
-                      cfg_scale: float = d.cfg_scale, fs: int = d.fs, seed: int = -1,
-                      guidance_rescale: float = d.guidance_rescale, timestep_spacing: str = d.timestep_spacing,
-                      perframe_ae: bool = d.perframe_ae) -> tuple[FileData | None, FileData, str]:
-        """Stock and fixed samplers on the same seed and noise. Returns (stock mp4 or None, fixed mp4, report)."""
-        stock, fixed, report = await run_cancellable(
-            cmp_gpu, image=_payload_path(rule, image, "image"), prompt=prompt, steps=steps, eta=eta,
-            cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
-            timestep_spacing=timestep_spacing, perframe_ae=perframe_ae)
-        return _file(stock), _file(fixed), report
+def _api_endpoint(service: Service, rule: UploadRule, endpoint: str) -> Callable:
+    runs = 2 if endpoint == "compare" else 1
+    gpu_call = on_device(service, endpoint, runs=runs)
+    images = [_IMAGE, _IMAGE2] if endpoint == "interpolate" else [_IMAGE]
+    params = images + _setting_params(service, endpoint)
+    names = [p.name for p in params]
+    returns, answer = _RETURNS[endpoint]
 
-    async def interpolate(image: FileData, image2: FileData | None = None, prompt: str = "",
-                          steps: int = d.ddim_steps, eta: float = d.ddim_eta, cfg_scale: float = d.cfg_scale,
-                          fs: int = d.fs, seed: int = -1, guidance_rescale: float = d.guidance_rescale,
-                          timestep_spacing: str = d.timestep_spacing, sampler: str = "fixed",
-                          perframe_ae: bool = d.perframe_ae) -> tuple[FileData, str, int]:
-        """512_interp: a video from image to image2 (without image2: a loop). Returns (mp4, report, seed used)."""
-        video, report, seed_used = await run_cancellable(
-            int_gpu, image=_payload_path(rule, image, "image"), image2=_payload_path(rule, image2, "image2"), prompt=prompt,
-            steps=steps, eta=eta, cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
-            timestep_spacing=timestep_spacing, sampler=sampler, perframe_ae=perframe_ae)
-        return _file(video), report, seed_used
+    async def call(*args, **kwargs):
+        values = {**{p.name: p.default for p in params if p.default is not p.empty}, **dict(zip(names, args)),
+                  **kwargs}
+        files = {p.name: _payload_path(rule, values.pop(p.name, None), p.name) for p in images}
+        return answer(await run_cancellable(gpu_call, **files, **values))
 
-    endpoints = {"generate": generate, "compare": compare}
-    if service.is_interp_model:
-        endpoints["interpolate"] = interpolate
-    return endpoints
+    return _with_signature(call, params, returns, endpoint, _DOCS[endpoint])
 
 
 # ------------------------------------------------------------------------------------------ UI handlers
@@ -162,57 +177,64 @@ def _progress_adapter(progress: gr.Progress) -> Callable[[int, int, str], None]:
     return lambda step, total, label: progress((step, total), desc=f"{label}: step {step} of {total}")
 
 
+_PROGRESS = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())
+_COMPARE = inspect.Parameter("compare", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False, annotation=bool)
+
+
 def ui_run(service: Service, rule: UploadRule | None = None) -> Callable:
-    """Generate button: one sampler, or stock and fixed side by side when `compare` is on."""
+    """Generate button: one sampler, or stock and fixed side by side when `compare` is on. Inputs: the image,
+    the settings of /generate in the table's order, then the compare switch."""
     rule = rule or upload_rule(service)
     gen_gpu = on_device(service, "generate")
     cmp_gpu = on_device(service, "compare", runs=2)
+    settings = [f.name for f in fields_of("generate")]
+    compare_settings = {f.name for f in fields_of("compare")}
 
-    async def run(image, prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing, sampler,
-                  perframe_ae, compare, progress=gr.Progress()):
+    async def run(image, *args):
+        *values, compare, progress = args
+        values = dict(zip(settings, values))
         try:
             # The browser sends a bool; an API caller of this private event could send anything.
             compare = flag("compare", compare)
         except InputError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        args = dict(image=_payload_path(rule, image, "image"), prompt=prompt, steps=steps, eta=eta, cfg_scale=cfg_scale,
-                    fs=fs, seed=seed, guidance_rescale=guidance_rescale, timestep_spacing=timestep_spacing,
-                    perframe_ae=perframe_ae, progress=_progress_adapter(progress))
+        image = _payload_path(rule, image, "image")
         if compare:
-            stock, fixed, report = await run_cancellable(cmp_gpu, **args)
-            stock_line, fixed_line = report.splitlines()[:2]
+            values = {k: v for k, v in values.items() if k in compare_settings}
+            result = await run_cancellable(cmp_gpu, image=image, progress=_progress_adapter(progress), **values)
+            stock = result.stock
             # Each video gets its own line of the report (time included) right under it.
-            return (gr.update(visible=True), stock, stock_line, gr.update(value=fixed, label="fixed sampler"),
-                    fixed_line, report, _seed_in(Path(fixed)), Service.sidecar_of(fixed))
-        video, report, seed_used = await run_cancellable(gen_gpu, sampler=sampler, **args)
-        return (gr.update(visible=False), None, "", gr.update(value=video, label=f"{sampler} sampler"),
-                report.splitlines()[0], report, seed_used, Service.sidecar_of(video))
+            return (gr.update(visible=True), _path(stock.video), stock.line(),
+                    gr.update(value=_path(result.video), label="fixed sampler"), result.main.line(),
+                    result.report(), result.seed, _path(result.sidecar))
+        result = await run_cancellable(gen_gpu, image=image, progress=_progress_adapter(progress), **values)
+        return (gr.update(visible=False), None, "", gr.update(value=_path(result.video),
+                                                              label=f"{result.main.sampler} sampler"),
+                result.main.line(), result.report(), result.seed, _path(result.sidecar))
 
-    return run
+    params = [_IMAGE] + _setting_params(service, "generate") + [_COMPARE, _PROGRESS]
+    return _with_signature(run, params, tuple, "run", ui_run.__doc__)
 
 
 def ui_interpolate(service: Service, rule: UploadRule | None = None) -> Callable:
+    """Interpolate button: inputs are both images, then the settings of /interpolate in the table's order."""
     rule = rule or upload_rule(service)
     int_gpu = on_device(service, "interpolate")
+    settings = [f.name for f in fields_of("interpolate")]
 
-    async def run(image, image2, prompt, steps, eta, cfg_scale, fs, seed, guidance_rescale, timestep_spacing,
-                  sampler, perframe_ae, progress=gr.Progress()):
-        video, report, seed_used = await run_cancellable(
-            int_gpu, image=_payload_path(rule, image, "image"), image2=_payload_path(rule, image2, "image2"), prompt=prompt,
-            steps=steps, eta=eta, cfg_scale=cfg_scale, fs=fs, seed=seed, guidance_rescale=guidance_rescale,
-            timestep_spacing=timestep_spacing, sampler=sampler, perframe_ae=perframe_ae,
-            progress=_progress_adapter(progress))
-        return video, report, seed_used, Service.sidecar_of(video)
+    async def run(image, image2, *args):
+        *values, progress = args
+        result = await run_cancellable(
+            int_gpu, image=_payload_path(rule, image, "image"), image2=_payload_path(rule, image2, "image2"),
+            progress=_progress_adapter(progress), **dict(zip(settings, values)))
+        return _path(result.video), result.report(), result.seed, _path(result.sidecar)
 
-    return run
+    params = [_IMAGE, _IMAGE2] + _setting_params(service, "interpolate") + [_PROGRESS]
+    return _with_signature(run, params, tuple, "run", ui_interpolate.__doc__)
 
 
-def _seed_in(video: Path) -> int | None:
-    """The seed a compare run used, from its JSON (compare's API answer has no seed of its own)."""
-    try:
-        return int(json.loads(video.with_suffix(".json").read_text())["seed"])
-    except (OSError, ValueError, KeyError):
-        return None
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def random_seed() -> int:
@@ -227,10 +249,10 @@ def ui_schedule(service: Service) -> Callable:
         if state != "ready":
             return None, f"The schedule plot appears once the model is loaded ({status})."
         try:
-            req = service.validate("", steps, eta, None, None, -1, None, timestep_spacing, None)
+            s = service.settings_for(dict(steps=steps, eta=eta, timestep_spacing=timestep_spacing))
         except InputError as err:
             return None, str(err)
-        return schedule_view(service.model, req.steps, req.eta, req.timestep_spacing)
+        return schedule_view(service.model, s.steps, s.eta, s.timestep_spacing)
 
     return plot
 
@@ -257,5 +279,3 @@ def ui_model_status(service: Service) -> Callable:
 
     return tick
 
-
-SPACINGS = list(TIMESTEP_SPACINGS)

@@ -1,4 +1,4 @@
-"""Start `python app.py --model tiny` on a free loopback port for a test module, and talk to it.
+"""Start `python app.py --model tiny` (or tiny_interp) on a free loopback port for a test module, and talk to it.
 
 One process per test module (start-up takes ~15 s on 2 cores): the tests then use it the way a user's
 script does, through gradio_client or plain HTTP.
@@ -56,9 +56,10 @@ READY_LINE = "model is ready"  # app.py's log line once the model has loaded (th
 
 
 def start_app(work_dir: Path, extra_env: dict[str, str] | None = None, via_env: bool = False,
-              wait_for_model: bool = True) -> RunningApp:
+              wait_for_model: bool = True, model: str = "tiny") -> RunningApp:
     """`via_env`: give the model and port as DC_APP_MODEL / GRADIO_SERVER_PORT instead of options.
-    `wait_for_model`: return once the model has loaded, not as soon as the page is up."""
+    `wait_for_model`: return once the model has loaded, not as soon as the page is up.
+    `model`: a test model with seeded random weights (tiny, or tiny_interp for the interpolation endpoints)."""
     port = free_port()
     out_dir = work_dir / "out"
     log_path = work_dir / "app.log"
@@ -68,9 +69,9 @@ def start_app(work_dir: Path, extra_env: dict[str, str] | None = None, via_env: 
     env.update(extra_env or {})
     command = [sys.executable, "app.py"]
     if via_env:
-        env.update(DC_APP_MODEL="tiny", GRADIO_SERVER_PORT=str(port))
+        env.update(DC_APP_MODEL=model, GRADIO_SERVER_PORT=str(port))
     else:
-        command += ["--model", "tiny", "--port", str(port)]
+        command += ["--model", model, "--port", str(port)]
     log = open(log_path, "w")
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()

@@ -59,3 +59,14 @@ def read_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
 def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a full state_dict under `prefix`, with the prefix removed (one submodule's weights)."""
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def video_api(result):
+    """A GenerationResult as /generate and /interpolate answer it: (mp4 path, report, seed used)."""
+    return str(result.video), result.report(), result.seed
+
+
+def compare_api(result):
+    """A compare's GenerationResult as /compare answers it: (stock mp4 or None after a crash, fixed mp4, report)."""
+    stock = result.stock.video
+    return (str(stock) if stock is not None else None), str(result.video), result.report()

@@ -116,15 +116,17 @@ def assert_model_video(video):
 
 def test_named_endpoints_use_the_service_argument_names(client):
     from dc_app.service import Service
+    from dc_app.settings import fields_of
 
     api = client.view_api(return_format="dict", print_info=False)
     assert set(api["named_endpoints"]) == {"/generate", "/compare"}  # /interpolate: 512_interp only
     assert api["unnamed_endpoints"] == {}
     for name, endpoint in api["named_endpoints"].items():
         params = endpoint["parameters"]
-        service_args = [p.name for p in inspect.signature(getattr(Service, name[1:])).parameters.values()
-                        if p.kind is not p.KEYWORD_ONLY and p.name != "self"]
-        assert [p["parameter_name"] for p in params] == service_args
+        # The service takes the images positionally, then the settings of the table (dc_app.settings) by name.
+        images = [p.name for p in inspect.signature(getattr(Service, name[1:])).parameters.values()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+        assert [p["parameter_name"] for p in params] == images + [f.name for f in fields_of(name[1:])]
         assert [p["parameter_name"] for p in params if not p["parameter_has_default"]] == ["image"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in api["named_endpoints"]["/generate"]["parameters"]}
     assert defaults["steps"] == 50 and defaults["timestep_spacing"] == "uniform_trailing" and defaults["seed"] == -1

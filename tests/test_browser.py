@@ -101,6 +101,10 @@ def test_cancel_in_the_browser(app, browser):
     page.locator("#generate").click()
     # gr.Progress shows "fixed sampler: step k of 100" on the output while it runs
     page.get_by_text("fixed sampler: step").first.wait_for(timeout=120_000)
+    # ... on the video panes only: the small boxes (seed, settings file, report, notes) draw no overlay.
+    assert page.get_by_text("fixed sampler: step").first.evaluate("e => !!e.closest('#video, #stock-video')")
+    for box in ("#seed-used", "#settings", "#report", "#video-note"):
+        assert page.locator(f"{box} [data-testid=status-tracker]:not(.hide)").count() == 0, box
     page.locator("#cancel").click()
     page.wait_for_function("() => document.querySelector('#report textarea').value === 'cancelled'", timeout=30_000)
     deadline = time.monotonic() + 60
@@ -109,4 +113,44 @@ def test_cancel_in_the_browser(app, browser):
     stopped = re.search(r"fixed sampler: cancelled at step (\d+)", app.log()[log_before:])
     assert stopped and int(stopped.group(1)) < 100
     assert not [f for f in app.result_files() if ".partial" in f]
+    page.close()
+
+
+def _open(browser, app):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.locator("#generate").wait_for(timeout=60_000)
+    return page
+
+
+def _note_starts_with(page, text: str) -> None:
+    page.wait_for_function("t => document.querySelector('#schedule-note').innerText.startsWith(t)", arg=text,
+                           timeout=30_000)
+
+
+# What upstream's sampler does at each example row's settings (reference README, section 4): 7 steps of
+# uniform_trailing at eta 1 give a square-root argument of -5.96e-8 at t=999, 36 uniform steps index t=1000,
+# and the defaults (50 trailing steps) are finite.
+EXAMPLE_NOTES = [
+    (0, "7", "stock: 1 - a_prev - sigma^2 = -5.96e-08 < 0 at step 1 (t=999)"),
+    (2, "50", "stock: every step is finite"),
+    (1, "36", "stock: crashes before the first step: uniform spacing cannot do 36 steps"),
+    (3, "50", "stock: every step is finite"),
+]
+
+
+def test_example_rows_and_typing_move_the_schedule_plot(app, browser):
+    page = _open(browser, app)
+    _note_starts_with(page, "stock: every step is finite")  # the page's own defaults
+    assert page.locator("#seed-used textarea").input_value() == ""  # no seed before any run
+    steps = page.locator("#steps input[type=number]")
+    for row, expected_steps, note in EXAMPLE_NOTES:
+        page.locator(f"[data-testid=dataset-cell-{row}-1]").click()
+        page.wait_for_function("n => document.querySelector('#steps input[type=number]').value === n",
+                               arg=expected_steps, timeout=30_000)
+        _note_starts_with(page, note)
+    # Typing a number and pressing Enter redraws it too (the last row left 50 trailing steps, eta 1).
+    steps.fill("7")
+    steps.press("Enter")
+    _note_starts_with(page, EXAMPLE_NOTES[0][2])
     page.close()

@@ -12,7 +12,8 @@ import torch
 
 from conftest import TINY
 from dc_app import load_pretrained
-from dc_app.checkpoints import CheckpointError, read_checkpoint, upstream_checkpoint_path
+from dc_app.checkpoints import CheckpointError, local_checkpoint_path, read_checkpoint
+from dc_app.config import load_model_config, model_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_REPO = "Doubiiu/DynamiCrafter_tinyfake"
@@ -26,7 +27,11 @@ def tiny_state(tiny_weights):
 @pytest.fixture()
 def tiny_yaml(tmp_path):
     """The tiny config under a name of its own, pointing at a (fake) Hub repo."""
-    text = (ROOT / "dc_app" / "configs" / "tiny.yaml").read_text().replace("hub_repo: null", f"hub_repo: {FAKE_REPO}")
+    text = (ROOT / "dc_app" / "configs" / "tiny.yaml").read_text()
+    weights = ("weights:\n  hub_repo: null\n  hub_file: null\n  local_checkpoint: null\n  random_seed: 0\n")
+    assert weights in text
+    text = text.replace(weights, f"weights:\n  hub_repo: {FAKE_REPO}\n  hub_file: model.ckpt\n"
+                                 f"  local_checkpoint: dynamicrafter_tinyhub_v1/model.ckpt\n  random_seed: null\n")
     path = tmp_path / "tinyhub.yaml"
     path.write_text(text)
     return path
@@ -79,7 +84,7 @@ def test_offline_without_cache_names_what_to_do(tmp_path, tiny_yaml):
 
 
 def test_upstream_local_layout_is_used_as_is(tmp_path, tiny_yaml, tiny_state, monkeypatch):
-    path = upstream_checkpoint_path("tinyhub", tmp_path)
+    path = local_checkpoint_path(model_spec(load_model_config(str(tiny_yaml))), tmp_path)
     assert path == tmp_path / "dynamicrafter_tinyhub_v1" / "model.ckpt"
     path.parent.mkdir(parents=True)
     torch.save({"state_dict": tiny_state}, path)

@@ -18,6 +18,8 @@ from dc_app.model_loader import ModelLoader, ModelNotReady
 from dc_app.service import Service
 from dc_app.ui_handlers import ui_model_status
 
+from conftest import video_api
+
 IMAGE = REPO / "assets" / "rocket.jpg"
 READING = "loading the tiny model (reading the weights)"
 
@@ -69,7 +71,7 @@ def test_service_facts_come_from_the_config_before_the_weights(tiny, tmp_path):
     assert list((tmp_path / "a").rglob("*.mp4")) == []
     gate.open()
     pending._source.wait(30)
-    video, report, seed = pending.generate(str(IMAGE), steps=1, seed=1)
+    video, report, seed = video_api(pending.generate(str(IMAGE), steps=1, seed=1))
     assert report.startswith("fixed: finite") and seed == 1 and video.endswith(".mp4")
 
 

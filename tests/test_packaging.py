@@ -200,17 +200,17 @@ def test_front_matter_names_app_sdk_and_models():
         assert meta.get(key), f"front matter lacks {key}"
     assert len(meta["short_description"]) <= 60, "the Hub cuts short_description at 60 characters"
     # The Space build preloads the checkpoint of the model app.py starts by default.
-    from dc_app.config import load_model_config, model_defaults
+    from dc_app.config import load_model_config, model_spec
 
-    default_repo = model_defaults(load_model_config("512")).hub_repo
+    default_repo = model_spec(load_model_config("512")).hub_repo
     assert f"{default_repo} model.ckpt" in meta["preload_from_hub"]
     assert {entry.split()[0] for entry in meta["preload_from_hub"]} <= MODEL_REPOS
 
 
 def test_front_matter_models_are_the_configs_hub_repos():
-    from dc_app.config import MODEL_NAMES, load_model_config, model_defaults
+    from dc_app.config import MODEL_NAMES, load_model_config, model_spec
 
-    repos = {model_defaults(load_model_config(n)).hub_repo for n in MODEL_NAMES} - {None}
+    repos = {model_spec(load_model_config(n)).hub_repo for n in MODEL_NAMES} - {None}
     assert repos == set(front_matter()["models"])
 
 
@@ -368,22 +368,25 @@ def test_readme_states_the_queue_limit_and_the_zerogpu_limits():
 
 
 def test_readme_model_table_matches_the_configs():
-    from dc_app.config import load_model_config, model_defaults
+    from dc_app.config import load_model_config, model_spec
+
+    from dc_app.config import MODEL_NAMES
 
     rows = [line for line in readme_section("Models").splitlines() if line.startswith("| `")]
-    assert len(rows) == 5
+    assert len(rows) == len(MODEL_NAMES)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         name = re.match(r"`([\w]+)`", cells[0]).group(1)
         cfg = load_model_config(name)
-        d = model_defaults(cfg)
+        spec = model_spec(cfg)
+        d = spec.defaults
         h, w = cfg.model.params.image_size
         assert cells[2] == f"{8 * h}×{8 * w}", row
         assert int(cells[3]) == cfg.model.params.unet_config.params.temporal_length, row
         assert int(cells[4]) == d.fs, row
         assert cells[5] == f"{d.fs_range[0]}–{d.fs_range[1]}", row
         assert cells[6] == d.timestep_spacing, row
-        assert (d.hub_repo or "none") in cells[1], row
+        assert (spec.hub_repo or "none") in cells[1], row
 
 
 def test_readme_local_links_exist():

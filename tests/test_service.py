@@ -6,6 +6,7 @@ milliseconds; the tests marked `tiny` run the real tiny model end to end.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import threading
 import time
@@ -17,20 +18,24 @@ import torch
 from PIL import Image
 
 from dc_app import service as service_mod
-from dc_app.config import CONFIG_DIR, load_model_config, model_defaults
+from dc_app.config import CONFIG_DIR, load_model_config, model_spec
 from dc_app.faults import parse_fault
 from dc_app.pipeline import SynthesisResult
 from dc_app.schedule import ddim_timesteps, repair_timesteps
-from dc_app.service import Cancelled, OutOfMemory, PeakMemory, RunFailed, Service, run_note
+from dc_app.settings import fields_of
+from dc_app.result import FINITE, SamplerOutcome, run_note
+from dc_app.service import Cancelled, OutOfMemory, PeakMemory, RunFailed, Service
 from dc_app.storage import MIN_KEEP_S, OutputStore
 from dc_app.validation import InputError
+
+from conftest import compare_api, video_api
 
 
 def stub_model(name: str = "tiny", frames: int | None = None, latent=(8, 8)):
     """What the service reads from a model, built from the real config (no weights)."""
     cfg = load_model_config(name)
     return SimpleNamespace(
-        config=cfg, defaults=model_defaults(cfg), image_size=latent,
+        config=cfg, image_size=latent,
         temporal_length=frames or int(cfg.model.params.unet_config.params.temporal_length),
         channels=4, device=torch.device("cpu"), dtype=torch.float32, vae_dtype=torch.float32,
         offloaded=frozenset(), num_timesteps=1000,
@@ -104,16 +109,18 @@ def test_defaults_per_model(tmp_path, name, spacing, rescale, fs, fs_range, size
     cfg = load_model_config(name)
     latent = tuple(int(s) for s in cfg.model.params.image_size)
     svc = Service(stub_model(name, latent=latent), output_dir=tmp_path)
-    req = svc.validate(None, None, None, None, None, None, None, None, None)
+    req = svc.settings_for({})
     assert (req.timestep_spacing, req.guidance_rescale, req.fs) == (spacing, rescale, fs)
     assert (req.steps, req.eta, req.cfg_scale, req.seed) == (50, 1.0, 7.5, -1)
     assert svc.frame_size == size
     assert svc.is_interp_model == (name == "512_interp") and svc.is_test_model == (name == "tiny")
     lo, hi = fs_range
-    assert svc.validate("", 1, 0, 1, lo, 0, 0, spacing, True).fs == lo
+    valid = dict(prompt="", steps=1, eta=0, cfg_scale=1, seed=0, guidance_rescale=0, timestep_spacing=spacing,
+                 perframe_ae=True)
+    assert svc.settings_for({**valid, "fs": lo}).fs == lo
     for bad in (lo - 1, hi + 1):
         with pytest.raises(InputError, match=rf"^fs: expected a whole number from {lo} to {hi}, got {bad}$"):
-            svc.validate("", 1, 0, 1, bad, 0, 0, spacing, True)
+            svc.settings_for({**valid, "fs": bad})
 
 
 def test_api_signature_matches_service_and_model_defaults(tmp_path):
@@ -126,9 +133,10 @@ def test_api_signature_matches_service_and_model_defaults(tmp_path):
     assert set(api) == {"generate", "compare"}  # /interpolate only for 512_interp
     for name, fn in api.items():
         api_params = inspect.signature(fn).parameters
-        service_params = [p for p in inspect.signature(getattr(svc, name)).parameters.values()
-                          if p.kind is not p.KEYWORD_ONLY]
-        assert list(api_params) == [p.name for p in service_params]
+        # The service takes the images positionally and the settings of the table by name.
+        images = [p.name for p in inspect.signature(getattr(svc, name)).parameters.values()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert list(api_params) == images + [f.name for f in fields_of(name)]
         assert [n for n, p in api_params.items() if p.default is inspect.Parameter.empty] == ["image"]
     gen = inspect.signature(api["generate"]).parameters
     assert (gen["timestep_spacing"].default, gen["fs"].default, gen["guidance_rescale"].default) == ("uniform", 3, 0.0)
@@ -163,7 +171,7 @@ def test_every_field_is_checked_with_its_range(tmp_path, field, value, message):
                 timestep_spacing=None, perframe_ae=None)
     args[field] = value
     with pytest.raises(InputError) as err:
-        svc.validate(**args)
+        svc.settings_for(args)
     assert str(err.value) == message
 
 
@@ -176,12 +184,12 @@ def test_unknown_sampler_is_refused_before_any_work(tmp_path, fake, image):
 
 def test_prompt_is_cleaned_and_long_prompts_get_a_notice(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    _, report, _ = svc.generate(image, prompt="a\x00 cat\u202e\n  jumps\u200b", steps=1, seed=1)
+    _, report, _ = video_api(svc.generate(image, prompt="a\x00 cat\u202e\n  jumps\u200b", steps=1, seed=1))
     assert fake.calls[-1]["prompts"] == ["a cat jumps"]
     assert "prompt: control or invisible characters were removed" in report
-    _, report, _ = svc.generate(image, prompt="word " * 80, steps=1, seed=1)
+    _, report, _ = video_api(svc.generate(image, prompt="word " * 80, steps=1, seed=1))
     assert "prompt: 82 tokens is longer than the text encoder's 77; the end was cut off" in report
-    _, report, _ = svc.generate(image, prompt="", steps=1, seed=1)
+    _, report, _ = video_api(svc.generate(image, prompt="", steps=1, seed=1))
     assert fake.calls[-1]["prompts"] == [""] and "prompt" not in report
 
 
@@ -190,9 +198,9 @@ def test_prompt_is_cleaned_and_long_prompts_get_a_notice(tmp_path, fake, image):
 
 def test_generate_maps_every_argument(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    video, report, seed = svc.generate(image, prompt="a dog", steps=12, eta=0.25, cfg_scale=3.5, fs=17,
+    video, report, seed = video_api(svc.generate(image, prompt="a dog", steps=12, eta=0.25, cfg_scale=3.5, fs=17,
                                        seed=99, guidance_rescale=0.3, timestep_spacing="uniform",
-                                       sampler="stock", perframe_ae=False)
+                                       sampler="stock", perframe_ae=False))
     call = fake.calls[-1]
     assert (call["sampler"], call["prompts"], call["ddim_steps"], call["ddim_eta"], call["cfg"], call["fs"],
             call["spacing"], call["guidance_rescale"]) == ("stock", ["a dog"], 12, 0.25, 3.5, 17, "uniform", 0.3)
@@ -207,13 +215,13 @@ def test_generate_maps_every_argument(tmp_path, fake, image):
 
 def test_random_seed_is_drawn_and_reported(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    seeds = {svc.generate(image, steps=1, seed=-1)[2] for _ in range(3)}
+    seeds = {svc.generate(image, steps=1, seed=-1).seed for _ in range(3)}
     assert len(seeds) == 3 and all(0 <= s < 2**32 for s in seeds)
 
 
 def test_compare_gives_both_samplers_the_same_noise(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    stock, fixed, _ = svc.compare(image, steps=3, seed=1234)
+    stock, fixed, _ = compare_api(svc.compare(image, steps=3, seed=1234))
     assert [c["sampler"] for c in fake.calls] == ["stock", "fixed"]
     # Fresh generators seeded alike: the fake draws its video from them, so the two videos are equal.
     assert torch.equal(torch.from_numpy(iio.imread(stock)), torch.from_numpy(iio.imread(fixed)))
@@ -221,8 +229,8 @@ def test_compare_gives_both_samplers_the_same_noise(tmp_path, fake, image):
 
 def test_sidecar_records_every_setting(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    video, _, _ = svc.generate(image, prompt="a dog", steps=5, eta=0.5, cfg_scale=2, fs=20, seed=3,
-                               guidance_rescale=0.1, timestep_spacing="uniform")
+    video, _, _ = video_api(svc.generate(image, prompt="a dog", steps=5, eta=0.5, cfg_scale=2, fs=20, seed=3,
+                               guidance_rescale=0.1, timestep_spacing="uniform"))
     record = json.loads(open(Service.sidecar_of(video)).read())
     expected = {"prompt": "a dog", "seed": 3, "steps": 5, "eta": 0.5, "cfg_scale": 2.0, "fs": 20,
                 "sampler": "fixed", "timestep_spacing": "uniform", "guidance_rescale": 0.1, "model": "tiny",
@@ -245,17 +253,17 @@ def test_config_video_fps_is_the_files_frame_rate(tmp_path, fake, image):
     custom = tmp_path / "tiny_12fps.yaml"
     custom.write_text(yaml.replace("video_fps: 8", "video_fps: 12"))
     model = stub_model(str(custom))
-    assert model.defaults.video_fps == 12
+    assert model_spec(model.config).defaults.video_fps == 12
     for svc, fps in ((Service(model, output_dir=tmp_path), 12), (Service(model, output_dir=tmp_path, fps=5), 5)):
-        for video in svc.compare(image, steps=1, seed=1)[:2]:
+        for video in compare_api(svc.compare(image, steps=1, seed=1))[:2]:
             assert container_fps(video) == fps
             assert json.loads(open(Service.sidecar_of(video)).read())["fps"] == fps
 
 
 def test_output_names_are_random_never_the_prompt(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    a, _, _ = svc.generate(image, prompt="../../etc/passwd", steps=1, seed=1)
-    b, _, _ = svc.generate(image, prompt="../../etc/passwd", steps=1, seed=1)
+    a, _, _ = video_api(svc.generate(image, prompt="../../etc/passwd", steps=1, seed=1))
+    b, _, _ = video_api(svc.generate(image, prompt="../../etc/passwd", steps=1, seed=1))
     assert a != b
     for p in (a, b):
         assert str(svc.store.dir) in p and "passwd" not in p and len(p.split("/")[-1]) > 32
@@ -284,7 +292,7 @@ def test_interpolate_needs_the_interp_model(tmp_path, fake, image):
 def test_report_stock_nan_and_fixed_finite(tmp_path, fake, image):
     fake.nan_from["stock"] = 0
     svc = Service(stub_model(), output_dir=tmp_path)
-    stock, fixed, report = svc.compare(image, steps=7, eta=1.0, timestep_spacing="uniform_trailing", seed=5)
+    stock, fixed, report = compare_api(svc.compare(image, steps=7, eta=1.0, timestep_spacing="uniform_trailing", seed=5))
     lines = report.splitlines()
     assert lines[0].startswith("stock: NaN from step 1 of 7 (t=999): video is black (")
     assert lines[1].startswith("fixed: finite (") and lines[1].endswith(" s)")
@@ -295,7 +303,7 @@ def test_report_stock_nan_and_fixed_finite(tmp_path, fake, image):
 def test_report_stock_crash_has_no_video(tmp_path, fake, image):
     fake.raise_for["stock"] = IndexError("uniform spacing cannot do 36 steps: timestep 1000 is out of range 0..999")
     svc = Service(stub_model(), output_dir=tmp_path)
-    stock, fixed, report = svc.compare(image, steps=36, timestep_spacing="uniform", seed=5)
+    stock, fixed, report = compare_api(svc.compare(image, steps=36, timestep_spacing="uniform", seed=5))
     assert stock is None and fixed.endswith(".mp4")
     lines = report.splitlines()
     assert lines[0].startswith("stock: crashed: uniform spacing cannot do 36 steps")
@@ -317,7 +325,7 @@ def test_report_partial_nan(tmp_path, fake, image, monkeypatch):
         return result
 
     monkeypatch.setattr(service_mod, "run_synthesis", half_nan)
-    _, report, _ = Service(stub_model(), output_dir=tmp_path).generate(image, steps=5, sampler="stock", seed=1)
+    _, report, _ = video_api(Service(stub_model(), output_dir=tmp_path).generate(image, steps=5, sampler="stock", seed=1))
     assert report.startswith("stock: NaN from step 3 of 5 (t=399): 50% of the video is black")
 
 
@@ -497,12 +505,12 @@ def tiny_service(tmp_path_factory):
 
 
 def test_tiny_generate_end_to_end(tiny_service, image):
-    video, report, seed = tiny_service.generate(image, prompt="a red square", steps=1, seed=7)
+    video, report, seed = video_api(tiny_service.generate(image, prompt="a red square", steps=1, seed=7))
     frames = iio.imread(video)
     assert frames.shape == (4, 64, 64, 3) and frames.std() > 1
     assert report.startswith("fixed: finite (") and seed == 7
-    again, _, _ = tiny_service.generate(image, prompt="a red square", steps=1, seed=7)
-    other, _, _ = tiny_service.generate(image, prompt="a red square", steps=1, seed=8)
+    again, _, _ = video_api(tiny_service.generate(image, prompt="a red square", steps=1, seed=7))
+    other, _, _ = video_api(tiny_service.generate(image, prompt="a red square", steps=1, seed=8))
     assert (iio.imread(again).astype(int) - frames).__abs__().max() <= 1  # same seed: same video
     assert (iio.imread(other).astype(int) - frames).__abs__().mean() > 1
 
@@ -511,7 +519,7 @@ def test_tiny_service_fps_is_the_files_frame_rate(tiny_service, image, tmp_path)
     """Service(fps=...) is what the mp4 plays at (every config says 8, so 8 proves nothing), and the sidecar
     records the file's rate."""
     svc = Service(tiny_service.model, output_dir=tmp_path, fps=5)
-    video, _, _ = svc.generate(image, steps=1, seed=2)
+    video, _, _ = video_api(svc.generate(image, steps=1, seed=2))
     assert container_fps(video) == 5 and iio.imread(video).shape[0] == svc.frames
     assert json.loads(open(Service.sidecar_of(video)).read())["fps"] == 5
 
@@ -547,11 +555,11 @@ def test_tiny_interpolation_and_loop_through_the_real_pipeline(tiny_service, ima
     svc.defaults = replace(svc.defaults, interp=True)
     blue = str(tmp_path / "blue.png")
     Image.new("RGB", (64, 64), (0, 0, 255)).save(blue)
-    video, report, seed = svc.interpolate(image, blue, prompt="red to blue", steps=1, seed=3)
+    video, report, seed = video_api(svc.interpolate(image, blue, prompt="red to blue", steps=1, seed=3))
     assert iio.imread(video).shape == (4, 64, 64, 3) and report.startswith("fixed: finite") and seed == 3
     record = json.loads(open(Service.sidecar_of(video)).read())
     assert (record["interp"], record["loop"]) == (True, False)
-    video, _, _ = svc.interpolate(image, None, steps=1, seed=3)
+    video, _, _ = video_api(svc.interpolate(image, None, steps=1, seed=3))
     assert json.loads(open(Service.sidecar_of(video)).read())["loop"] is True
 
 
@@ -567,7 +575,7 @@ def test_server_settings_reach_the_pipeline(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path, decode_chunk_size=2, cfg_mode="two-call")
     # A server chunk replaces the model's per-frame default, also for the UI's and the API's defaults.
     assert svc.defaults.perframe_ae is False and default.defaults.perframe_ae is True
-    video, _, _ = svc.generate(image, steps=1, seed=1)
+    video, _, _ = video_api(svc.generate(image, steps=1, seed=1))
     assert (fake.calls[-1]["decode_chunk_size"], fake.calls[-1]["batched_cfg"]) == (2, False)
     record = json.loads(open(Service.sidecar_of(video)).read())
     assert (record["decode_chunk_size"], record["cfg_mode"], record["perframe_ae"]) == (2, "two-call", False)
@@ -600,7 +608,7 @@ def test_tiny_sidecar_records_the_performance_settings_and_no_vram_on_cpu(tmp_pa
 
     model = load_for_serving("tiny", device="cpu", dtype="bf16", offload="all")
     svc = Service(model, output_dir=tmp_path, decode_chunk_size=3, cfg_mode="two-call")
-    stock, fixed, report = svc.compare(image, steps=2, seed=11)
+    stock, fixed, report = compare_api(svc.compare(image, steps=2, seed=11))
     for video, sampler in ((stock, "stock"), (fixed, "fixed")):
         record = json.loads(open(Service.sidecar_of(video)).read())
         expected = {"sampler": sampler, "device": "cpu", "dtype": "bf16", "vae_dtype": "fp32", "offload": "all",
@@ -635,8 +643,8 @@ def test_peak_memory_on_cuda_is_measured_around_the_run_and_reported(monkeypatch
 
 def test_sidecar_has_the_peak_only_when_measured(tmp_path):
     svc = Service(stub_model(), output_dir=tmp_path)
-    req = svc.validate("", 1, None, None, None, 1, None, None, None)
-    result = SynthesisResult(videos=torch.zeros(1), ddim_timesteps=[999])
-    measured = svc._settings(req, 1, "fixed", result, "fixed: finite", 1.0, False, False, 123_456)
-    unmeasured = svc._settings(req, 1, "fixed", result, "fixed: finite", 1.0, False, False, None)
+    settings = svc.settings_for(dict(steps=1, seed=1))
+    run = SamplerOutcome("fixed", FINITE, 1.0, timesteps=(999,))
+    measured = svc._sidecar(settings, 1, replace(run, peak_bytes=123_456), 4, False, False)
+    unmeasured = svc._sidecar(settings, 1, run, 4, False, False)
     assert measured["peak_vram_bytes"] == 123_456 and "peak_vram_bytes" not in unmeasured

@@ -13,6 +13,7 @@ import gradio as gr
 import pytest
 
 from dc_app.service import Service
+from dc_app.settings import fields_of
 from dc_app.ui import UI_MAX_STEPS, build_demo
 from dc_app.ui_handlers import on_device, run_cancellable, ui_schedule
 from dc_app.validation import InputError
@@ -37,8 +38,9 @@ def test_endpoints_per_model(tmp_path, name):
     assert set(info["named_endpoints"]) == expected and info["unnamed_endpoints"] == {}
     for endpoint, spec in info["named_endpoints"].items():
         method = getattr(Service, endpoint[1:])
-        names = [p.name for p in inspect.signature(method).parameters.values()
-                 if p.kind is not p.KEYWORD_ONLY and p.name != "self"]
+        images = [p.name for p in inspect.signature(method).parameters.values()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+        names = images + [f.name for f in fields_of(endpoint[1:])]
         assert [p["parameter_name"] for p in spec["parameters"]] == names
         defaults = {p["parameter_name"]: p["parameter_default"] for p in spec["parameters"]}
         d = svc.defaults

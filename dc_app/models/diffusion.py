@@ -13,7 +13,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import ModelDefaults, model_defaults
 from ..schedule import dynamic_rescale_table, model_betas
 from .autoencoder import AutoencoderKL
 from .clip import OpenCLIPImageEmbedder, OpenCLIPTextEmbedder
@@ -90,7 +89,6 @@ class DynamiCrafter(nn.Module):
         super().__init__()
         p = cfg.model.params
         self.config = cfg
-        self.defaults: ModelDefaults = model_defaults(cfg)
 
         self.parameterization = str(p.get("parameterization", "eps"))
         if self.parameterization not in ("eps", "v"):
@@ -105,9 +103,8 @@ class DynamiCrafter(nn.Module):
         self.uncond_type = str(p.get("uncond_type", "empty_seq"))
         self.channels = int(p.get("channels", 4))
         self.image_size = tuple(int(s) for s in p.image_size)  # latent (h, w)
-        # The app's per-model setting wins over the yaml's (upstream's run script does the same with a flag).
-        self.perframe_ae = bool(self.defaults.perframe_ae)
-        self.default_timestep_spacing = self.defaults.timestep_spacing
+        # Decode one frame at a time unless a caller gives a chunk (upstream's model option of the same name).
+        self.perframe_ae = bool(p.get("perframe_ae", False))
 
         unet_params = _plain(p.unet_config.params)
         self.temporal_length = int(unet_params.get("temporal_length", 16))

@@ -1,0 +1,71 @@
+"""The running app with an interpolation model (`python app.py --model tiny_interp`) through its API.
+
+tiny_interp is the tiny architecture as an interpolation model with seeded random weights: what /interpolate
+does (two images in, a video between them, or a loop) and how it guards its file inputs can be tested on a CPU.
+"""
+from __future__ import annotations
+
+import imageio.v3 as iio
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from apphelpers import call_raw, start_app, stop_app, upload
+
+pytestmark = pytest.mark.slow
+
+FRAMES, SIZE = 4, 64
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    running = start_app(tmp_path_factory.mktemp("interp"), model="tiny_interp")
+    yield running
+    stop_app(running)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def keyframes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keyframes")
+    red, blue = d / "red.png", d / "blue.png"
+    Image.new("RGB", (96, 64), (220, 30, 30)).save(red)
+    Image.new("RGB", (96, 64), (30, 30, 220)).save(blue)
+    return red, blue
+
+
+def test_interpolation_models_serve_interpolate(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == {"/generate", "/compare", "/interpolate"}
+    params = [p["parameter_name"] for p in api["named_endpoints"]["/interpolate"]["parameters"]]
+    assert params[:3] == ["image", "image2", "prompt"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in api["named_endpoints"]["/interpolate"]["parameters"]}
+    assert defaults["fs"] == 5 and defaults["image2"] is None  # the yaml's defaults: 512_interp's
+
+
+def test_interpolate_between_two_images(client, keyframes):
+    red, blue = keyframes
+    video, report, seed = client.predict(handle_file(red), handle_file(blue), prompt="red to blue", steps=1, seed=9,
+                                         api_name="/interpolate")
+    frames = iio.imread(video["path"] if isinstance(video, dict) else video)
+    assert frames.shape == (FRAMES, SIZE, SIZE, 3)
+    assert report.startswith("fixed: finite") and "model tiny_interp" in report and seed == 9
+
+
+def test_interpolate_without_image2_makes_a_loop(client, keyframes):
+    video, report, _ = client.predict(handle_file(keyframes[0]), None, steps=1, seed=9, api_name="/interpolate")
+    assert iio.imread(video["path"] if isinstance(video, dict) else video).shape == (FRAMES, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("field", ["image", "image2"])
+def test_interpolate_refuses_server_files(app, keyframes, field):
+    # Both image fields follow the upload rule: a path outside the uploads is refused, with or without meta.
+    uploaded = upload(app, keyframes[0])
+    for payload in ({"path": str(keyframes[1])}, {"path": str(keyframes[1]), "meta": {"_type": "x"}}):
+        args = {"image": uploaded, "image2": uploaded, "steps": 1, field: payload}
+        kind, message = call_raw(app, "interpolate", args)
+        assert kind == "error" and "only files uploaded to this app can be used" in message["error"], message
