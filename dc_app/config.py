@@ -13,7 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny")
-TIMESTEP_SPACINGS = ("uniform", "uniform_trailing")
+# Upstream's DDIM spacings: what the stock sampler and a yaml's `defaults:` accept. dc_app's samplers accept
+# more (dc_app.sampling.TIMESTEP_SPACINGS); keeping the two lists apart means neither stock nor a yaml file
+# starts accepting a new grid by accident.
+UPSTREAM_SPACINGS = ("uniform", "uniform_trailing")
+TIMESTEP_SPACINGS = UPSTREAM_SPACINGS  # the app layer's old name for the same list; new code: UPSTREAM_SPACINGS
 
 # What a yaml without a `defaults:` block gets: the 512 model's settings (upstream scripts/run.sh).
 _FALLBACK_DEFAULTS = dict(
@@ -73,9 +77,9 @@ def model_defaults(cfg: DictConfig) -> ModelDefaults:
     values = dict(_FALLBACK_DEFAULTS)
     if "defaults" in cfg and cfg.defaults is not None:
         values.update(OmegaConf.to_container(cfg.defaults, resolve=True))
-    if values["timestep_spacing"] not in TIMESTEP_SPACINGS:
+    if values["timestep_spacing"] not in UPSTREAM_SPACINGS:
         raise ValueError(
-            f"defaults.timestep_spacing={values['timestep_spacing']!r}: expected one of {TIMESTEP_SPACINGS}"
+            f"defaults.timestep_spacing={values['timestep_spacing']!r}: expected one of {UPSTREAM_SPACINGS}"
         )
     lo, hi = (int(v) for v in values["fs_range"])
     values["fs_range"] = (lo, hi)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..config import ModelDefaults, model_defaults
-from ..schedule import dynamic_rescale_table, model_betas
+from ..betas import dynamic_rescale_table, model_betas
 from .autoencoder import AutoencoderKL
 from .clip import OpenCLIPImageEmbedder, OpenCLIPTextEmbedder
 from .resampler import Resampler
