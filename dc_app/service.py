@@ -27,6 +27,7 @@ from .model_loader import ModelLoader
 from .options import CFG_MODES
 from .pipeline import SAMPLERS, run_synthesis
 from .schedule import ddim_timesteps
+from .stock_failure import StockSamplerFailure
 from .storage import OutputStore
 from .validation import (
     InputError,
@@ -390,7 +391,7 @@ class Service:
             raise
         except InjectedFault:
             raise  # a test's fault stands for an unexpected error, never for a stock crash
-        except (IndexError, TypeError, RuntimeError, ValueError) as err:
+        except StockSamplerFailure as err:
             if sampler != "stock":
                 raise
             # Upstream's sampler fails on some settings; that is what the compare view exists to show.

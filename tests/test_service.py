@@ -21,6 +21,7 @@ from dc_app.config import load_model_config, model_defaults
 from dc_app.faults import parse_fault
 from dc_app.pipeline import SynthesisResult
 from dc_app.schedule import ddim_timesteps, repair_timesteps
+from dc_app.stock_failure import StockIndexError
 from dc_app.service import Cancelled, OutOfMemory, PeakMemory, RunFailed, Service, run_note
 from dc_app.storage import MIN_KEEP_S, OutputStore
 from dc_app.validation import InputError
@@ -169,7 +170,7 @@ def test_every_field_is_checked_with_its_range(tmp_path, field, value, message):
 
 def test_unknown_sampler_is_refused_before_any_work(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    with pytest.raises(InputError, match="^sampler: expected one of fixed, stock, got 'ddpm'"):
+    with pytest.raises(InputError, match="^sampler: expected one of fixed, stock, dpmpp_2m, dpmpp_2m_sde, unipc, got 'ddpm'"):
         svc.generate(image, sampler="ddpm")
     assert fake.calls == []
 
@@ -273,7 +274,7 @@ def test_report_stock_nan_and_fixed_finite(tmp_path, fake, image):
 
 
 def test_report_stock_crash_has_no_video(tmp_path, fake, image):
-    fake.raise_for["stock"] = IndexError("uniform spacing cannot do 36 steps: timestep 1000 is out of range 0..999")
+    fake.raise_for["stock"] = StockIndexError("uniform spacing cannot do 36 steps: timestep 1000 is out of range 0..999")
     svc = Service(stub_model(), output_dir=tmp_path)
     stock, fixed, report = svc.compare(image, steps=36, timestep_spacing="uniform", seed=5)
     assert stock is None and fixed.endswith(".mp4")
