@@ -63,3 +63,12 @@ def test_upstreams_spacing_list_stays_upstreams():
     cfg.defaults = OmegaConf.merge(cfg.get("defaults") or {}, {"timestep_spacing": "logsnr"})
     with pytest.raises(ValueError, match="defaults.timestep_spacing='logsnr'"):
         model_defaults(cfg)
+
+
+def test_schedule_plot_on_a_grid_stock_cannot_run():
+    from dc_app.schedule_view import schedule_view
+    from samplerhelpers import StandIn
+
+    table, note = schedule_view(StandIn(), 10, 1.0, "logsnr")
+    assert set(table["curve"]) == {"fixed sigma", "fixed 1 - a_prev - sigma^2"} and len(table) == 2 * 10
+    assert note.startswith("stock: runs upstream's spacings only (uniform, uniform_trailing), not logsnr.")

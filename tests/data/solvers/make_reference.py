@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from safetensors.torch import save_file
+
+try:  # the peer being compared with; not a dc_app or test dependency
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+except ImportError:
+    sys.exit("make_reference.py needs diffusers: pip install diffusers")
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1])]
