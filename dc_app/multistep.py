@@ -33,6 +33,7 @@ import torch
 from .betas import dynamic_rescale_table, model_betas
 from .guidance import GuidedModel
 from .sampler_args import check_variance_noise, drop_unsupported_kwargs, latent_size
+from .sampler_model import SamplerModel
 from .solvers import sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
 from .step_grids import grid_timesteps
 from .watchdog import NonfiniteWatchdog
@@ -94,7 +95,7 @@ class MultistepSampler:
     `notices`: plain sentences about the settings (e.g. an eta the solver ignores), also in intermediates.
     """
 
-    def __init__(self, model, solver: str):
+    def __init__(self, model: SamplerModel, solver: str):
         if solver not in _SOLVERS:
             raise ValueError(f"solver {solver!r}: expected one of {', '.join(_SOLVERS)}")
         self.model = model

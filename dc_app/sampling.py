@@ -40,6 +40,7 @@ import torch
 from .guidance import GuidedModel, rescale_noise_cfg
 from .multistep import MULTISTEP_SOLVERS, MultistepSampler
 from .sampler_args import check_variance_noise, drop_unsupported_kwargs, latent_size
+from .sampler_model import SamplerModel
 from .schedule import DDIMSchedule, DDPMTables, fixed_ddim_schedule, stock_ddim_schedule
 from .step_grids import TIMESTEP_SPACINGS
 from .stock_failure import StockRuntimeError
@@ -56,7 +57,7 @@ class _DDIMSamplerBase:
 
     fixed: bool = False
 
-    def __init__(self, model, **_ignored):
+    def __init__(self, model: SamplerModel, **_ignored):
         self.model = model
         self.ddpm_num_timesteps = int(model.num_timesteps)
         self.schedule: Optional[DDIMSchedule] = None
@@ -271,8 +272,8 @@ def get_fixed_ddim_sampler(model, ddim_steps: int, ddim_eta: float, verbose: boo
 SAMPLER_NAMES = ("fixed", "stock", *MULTISTEP_SOLVERS)
 
 
-def make_sampler(name: str, model):
-    """The sampler called `name` (one of SAMPLER_NAMES) for `model` (dc_app.sampler_model.SamplerModel)."""
+def make_sampler(name: str, model: SamplerModel):
+    """The sampler called `name` (one of SAMPLER_NAMES) for `model`."""
     if name == "fixed":
         return FixedDDIMSampler(model)
     if name == "stock":

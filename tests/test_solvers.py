@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 
 from dc_app.multistep import MULTISTEP_SOLVERS, MultistepSampler, solver_levels
 from dc_app.sampling import SAMPLER_NAMES, TIMESTEP_SPACINGS, FixedDDIMSampler, make_sampler
+from dc_app.schedule import fixed_ddim_schedule
 from dc_app.solvers import (
     dpmpp_2m_sde_coefficients,
     sample_ddim,
     sample_dpmpp_2m,
-    sample_dpmpp_2m_sde,
     sample_unipc,
     step_ratios,
     unipc_corrector_coefficients,
@@ -165,6 +165,23 @@ def test_stand_in_matrix(kind, spacing, name):
             if S % 7 == 0:
                 again, _ = make_sampler(name, bare).sample(S, 1, SHAPE, generator=torch.Generator().manual_seed(S), **kw)
                 assert torch.equal(out, again), (S, eta)
+
+
+@pytest.mark.parametrize("zero_snr", [True, False], ids=["zero_snr_rescaled", "plain"])
+def test_fixed_ddim_on_the_logsnr_grid(zero_snr):
+    """fixed takes dc_app's grid too: S = 1..1000 coefficients finite at eta 0 and 1, S <= 60 runs finite."""
+    base_scale = TINY["base_scale"] if zero_snr else None
+    for S in range(1, N + 1):
+        for eta in (0.0, 1.0):
+            sch = fixed_ddim_schedule(TINY["linear_start"], TINY["linear_end"], zero_snr, "logsnr", S, eta, N, base_scale)
+            finite = [sch.sigmas, sch.dir_coef] + ([sch.scale_ratio] if zero_snr else [])
+            assert all(bool(torch.isfinite(v).all()) for v in finite) and bool((sch.sqrt_arg >= 0).all()), (S, eta)
+    model = StandIn(*(("v", True) if zero_snr else ("eps", False)))
+    cond, _ = conds()
+    for S in range(1, 61):
+        out, inter = make_sampler("fixed", model).sample(S, 1, SHAPE, conditioning=cond, eta=1.0, timestep_spacing="logsnr",
+                                                         verbose=False, generator=torch.Generator().manual_seed(S))
+        assert bool(out.isfinite().all()) and inter["nonfinite"] is None, S
 
 
 # ---------------------------------------------------------------------------------- (d) the interface
