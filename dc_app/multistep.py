@@ -173,7 +173,7 @@ class MultistepSampler:
         is_v = self.model.parameterization == "v"
         watch = NonfiniteWatchdog(watchdog)
         intermediates = {"x_inter": [x], "pred_x0": [x], "nonfinite": None, "notices": list(self.notices)}
-        last_output: list[torch.Tensor] = []
+        last_output: list[torch.Tensor] = []  # the model output of the current step, for the watchdog
 
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
             ts = torch.full((size[0],), lv.run_timesteps[i], device=device, dtype=torch.long)
@@ -181,6 +181,7 @@ class MultistepSampler:
             a, s = lv.alpha_t[i], lv.sigma_t[i]
             x0 = a * x - s * out if is_v else (x - s * out) / a
             last_output[:] = [out]
+            # Dynamic rescale: pred_x0 estimates s(t) x0; the solver's levels are those of x0 itself.
             return x0 * (1.0 / lv.scale[i]) if lv.scale[i] != 1.0 else x0
 
         def on_step(i: int, x_next: torch.Tensor, x0: torch.Tensor) -> None:
