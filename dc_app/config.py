@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny", "tiny_interp")
-TIMESTEP_SPACINGS = ("uniform", "uniform_trailing")
+# Upstream's DDIM spacings: what the stock sampler and a yaml's `defaults:` accept. dc_app's samplers accept
+# more (dc_app.sampling.TIMESTEP_SPACINGS); keeping the two lists apart means neither stock nor a yaml file
+# starts accepting a new grid by accident.
+UPSTREAM_SPACINGS = ("uniform", "uniform_trailing")
 FS_MEANINGS = ("frame stride", "fps")
 
 
@@ -108,9 +111,9 @@ def model_defaults(cfg: DictConfig) -> ModelDefaults:
     missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
     if missing or unknown:
         raise ValueError(f"model {cfg.get('name', '?')}: defaults block: missing {missing}, unknown {unknown}")
-    if values["timestep_spacing"] not in TIMESTEP_SPACINGS:
+    if values["timestep_spacing"] not in UPSTREAM_SPACINGS:
         raise ValueError(
-            f"defaults.timestep_spacing={values['timestep_spacing']!r}: expected one of {TIMESTEP_SPACINGS}"
+            f"defaults.timestep_spacing={values['timestep_spacing']!r}: expected one of {UPSTREAM_SPACINGS}"
         )
     if values["fs_meaning"] not in FS_MEANINGS:
         raise ValueError(f"defaults.fs_meaning={values['fs_meaning']!r}: expected one of {FS_MEANINGS}")

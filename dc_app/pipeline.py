@@ -1,4 +1,4 @@
-"""Image-to-video synthesis: encode the image and prompt, sample latents with DDIM, decode the video.
+"""Image-to-video synthesis: encode the image and prompt, sample latents, decode the video.
 
 `image_guided_synthesis` (stock sampler) and `image_guided_synthesis_fixed` keep upstream's name and
 signature; `run_synthesis` is the same pipeline returning what the app needs to report (NaN step, the
@@ -12,8 +12,9 @@ from typing import Callable, Sequence
 import torch
 
 from .config import spec_if_any
+from .sampling import SAMPLER_NAMES, make_sampler
 
-SAMPLERS = ("fixed", "stock")
+SAMPLERS = SAMPLER_NAMES  # the name other modules import; the registry in dc_app.sampling is the source
 
 
 @dataclass
@@ -21,17 +22,7 @@ class SynthesisResult:
     videos: torch.Tensor                 # (b, n_samples, 3, t, H, W), unclamped; NaN where the sampler broke
     nonfinite: dict | None = None        # first non-finite value: {"step", "index", "timestep", "stage"}
     ddim_timesteps: list[int] = field(default_factory=list)  # the timesteps the sampler actually ran
-
-
-def make_sampler(model, sampler: str):
-    """"stock" (upstream's DDIM arithmetic, failures included) or "fixed" (never NaN)."""
-    from .sampling import DDIMSampler, FixedDDIMSampler
-
-    if sampler == "stock":
-        return DDIMSampler(model)
-    if sampler == "fixed":
-        return FixedDDIMSampler(model)
-    raise ValueError(f"sampler {sampler!r}: expected one of {SAMPLERS}")
+    notices: list[str] = field(default_factory=list)         # the sampler's remarks on the settings (ignored eta)
 
 
 def default_fs(model) -> int:
@@ -92,7 +83,7 @@ def run_synthesis(
     batched_cfg: bool = True,
     decode_chunk_size: int | None = None,
 ) -> SynthesisResult:
-    """Upstream's `image_guided_synthesis` with the sampler chosen by name; see the module docstring.
+    """Upstream's `image_guided_synthesis` with the sampler chosen by name (dc_app.sampling.SAMPLER_NAMES).
 
     `videos` (b, 3, t, H, W) in [-1, 1]: frame 0 is the image (interp/loop: the last frame too).
     RNG order without injection matches upstream: posterior noise, then per sample x_T and one draw per step.
@@ -127,8 +118,8 @@ def run_synthesis(
         uc_image = model.encode_image_tokens(torch.zeros_like(image))
         uncond = {"c_crossattn": [torch.cat([uc_text, uc_image], 1)], "c_concat": [c_concat]}
 
-    ddim = make_sampler(model, sampler)
-    variants, nonfinite, timesteps = [], None, []
+    ddim = make_sampler(sampler, model)
+    variants, nonfinite, timesteps, notices = [], None, [], []
     for _ in range(n_samples):
         samples, inter = ddim.sample(
             S=ddim_steps,
@@ -150,9 +141,10 @@ def run_synthesis(
         )
         nonfinite = nonfinite or inter.get("nonfinite")
         timesteps = [int(t) for t in ddim.ddim_timesteps]
+        notices = list(ddim.notices)
         variants.append(model.decode_first_stage(samples, chunk_size=decode_chunk_size))
     videos_out = torch.stack(variants, dim=1)  # b n 3 t H W
-    return SynthesisResult(videos=videos_out, nonfinite=nonfinite, ddim_timesteps=timesteps)
+    return SynthesisResult(videos=videos_out, nonfinite=nonfinite, ddim_timesteps=timesteps, notices=notices)
 
 
 def image_guided_synthesis(model, prompts, videos, noise_shape, n_samples=1, ddim_steps=50, ddim_eta=1.0,

@@ -31,6 +31,7 @@ class SamplerOutcome:
     sampler: str
     status: str                          # FINITE, NAN or CRASHED
     seconds: float
+    spacing: str = ""                    # the step grid it ran (stock falls back to the model's on grids it lacks)
     video: Path | None = None            # None after a crash
     sidecar: Path | None = None
     peak_bytes: int | None = None        # CUDA runs only
@@ -39,6 +40,7 @@ class SamplerOutcome:
     nan_timestep: int | None = None
     black_share: float = 0.0             # share of the video's values that are not finite (shown black)
     crash_reason: str | None = None
+    notices: tuple[str, ...] = ()        # the sampler's remarks on the settings (e.g. an eta it ignores)
 
     @property
     def finite(self) -> bool:
@@ -103,6 +105,7 @@ class GenerationResult:
         """The plain-words report: one line per sampler, the schedule notes, the settings, the notices."""
         lines = [o.line() for o in self.outcomes]
         lines.extend(self.schedule_notes)
+        lines.extend(notice for o in self.outcomes for notice in o.notices)
         lines.append(self.settings_line())
         lines.extend(self.settings.notices)
         return "\n".join(lines)

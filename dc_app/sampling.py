@@ -1,21 +1,29 @@
-"""DDIM sampling for DynamiCrafter: upstream's sampler as it is (stock) and a sampler that never yields NaN.
+"""dc_app's samplers by name, and the two DDIM samplers: upstream's as it is (stock) and one that never yields NaN.
 
-Both samplers run the same step (`_DDIMSamplerBase._step`); they differ only in the schedule they build,
-and dc_app/schedule.py holds the two schedules side by side:
+Registry (the public API): `make_sampler(name, model)`, `SAMPLER_NAMES`, `TIMESTEP_SPACINGS` (every step grid
+dc_app's own samplers accept). Every sampler's `sample()` takes `DDIMSampler.sample`'s arguments and returns
+`(samples, intermediates)` with the same `nonfinite` entry; after it, `ddim_timesteps` holds the timesteps run
+and `notices` plain sentences about the settings (e.g. an ignored eta).
+
+* "fixed" (`FixedDDIMSampler`, the default): DDIM with three repairs; finite for every setting.
+* "stock" (`DDIMSampler`): upstream DynamiCrafter's DDIM, failures included; upstream's two spacings only.
+* "dpmpp_2m", "dpmpp_2m_sde", "unipc" (`MultistepSampler`, dc_app/multistep.py): multistep solvers, best on
+  the "logsnr" grid; finite for every setting. See docs/samplers.md.
+
+The two DDIM samplers run the same step (`_DDIMSamplerBase._step`); they differ only in the schedule they
+build, and dc_app/schedule.py holds the two schedules side by side:
 
 * `DDIMSampler` (stock) reproduces upstream's `lvdm/models/samplers/ddim.py` dtype for dtype, failures
   included: NaN from a float32 square-root argument of -5.96e-8 (zero-SNR, eta = 1, S = 7, 11, 14, ...),
   NaN and a crash from timestep -1 ("uniform_trailing", S = 61, 103, ...), IndexError from timestep 1000
-  ("uniform", S = 3, 9, 27, 36, 37, >= 501), TypeError for bfloat16 schedule buffers. The app uses it to show
-  those failures as they are.
+  ("uniform", S = 3, 9, 27, 36, 37, >= 501), TypeError for bfloat16 schedule buffers. Each crash is a
+  `StockSamplerFailure` (dc_app/stock_failure.py), so the app reports exactly those as "stock: crashed".
 * `FixedDDIMSampler` is the same arithmetic with three repairs (clamped square-root argument, repaired
   timesteps, schedule from the config's float64 betas). Wherever stock is finite on float32 buffers the two
   give bit-identical samples. See docs/nan-fix.md.
 
-Model interface used: `apply_model(x, t, cond, **kw)`, `parameterization` ("v" | "eps"), `num_timesteps`,
-`use_dynamic_rescale`, `device`; stock reads the buffers `alphas_cumprod`, `sqrt_alphas_cumprod`,
-`sqrt_one_minus_alphas_cumprod`, `scale_arr`; fixed reads the config values `linear_start`, `linear_end`,
-`rescale_betas_zero_snr`, `base_scale`.
+Model interface: `dc_app.sampler_model.SamplerModel`. Classifier-free guidance (dc_app/guidance.py) and the
+NaN watchdog (dc_app/watchdog.py) are shared by every sampler.
 
 Not offered (upstream has them, DynamiCrafter's image-to-video never uses them): `multiple_cond_cfg`
 (`cfg_img` and `unconditional_conditioning_img_nonetext` are accepted and ignored; upstream only reads them
@@ -25,49 +33,24 @@ with multiple_cond_cfg, yet passes them on to apply_model, which ignores them), 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from .config import spec_if_any
+from .guidance import GuidedModel, rescale_noise_cfg
+from .multistep import MULTISTEP_SOLVERS, MultistepSampler
+from .sampler_args import check_variance_noise, drop_unsupported_kwargs, latent_size
+from .sampler_model import SamplerModel
 from .schedule import DDIMSchedule, DDPMTables, fixed_ddim_schedule, stock_ddim_schedule
+from .step_grids import TIMESTEP_SPACINGS
+from .stock_failure import StockRuntimeError
+from .watchdog import NonfiniteWatchdog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DDIMSampler", "FixedDDIMSampler", "get_fixed_ddim_sampler", "rescale_noise_cfg"]
-
-# kwargs of upstream's sample() that only its multiple_cond_cfg branch reads; dc_app drops them.
-IGNORED_KWARGS = ("cfg_img", "unconditional_conditioning_img_nonetext")
-# upstream sample() options dc_app does not implement; accepted only at their inactive value.
-_INACTIVE_KWARGS = {"mask": None, "x0": None, "quantize_x0": False, "score_corrector": None,
-                    "temperature": 1.0, "noise_dropout": 0.0, "precision": None, "multiple_cond_cfg": False}
-
-
-def rescale_noise_cfg(model_output: torch.Tensor, cond_output: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Guidance rescale (arXiv:2305.08891, eq. 15-16), as upstream: match the guided output's std to the
-    conditional output's (unbiased std over all non-batch dims), then blend with weight phi."""
-    dims = list(range(1, cond_output.ndim))
-    std_cond = cond_output.std(dim=dims, keepdim=True)
-    std_cfg = model_output.std(dim=dims, keepdim=True)
-    rescaled = model_output * (std_cond / std_cfg)
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * model_output
-
-
-def _cat_batch(uncond: Any, cond: Any, what: str) -> Any:
-    """Concatenate two conditionings of the same structure along the batch (uncond first)."""
-    if isinstance(cond, torch.Tensor):
-        return torch.cat([uncond, cond], dim=0)
-    if isinstance(cond, dict):
-        if set(cond) != set(uncond):
-            raise ValueError(f"{what}: cond keys {sorted(cond)} differ from uncond keys {sorted(uncond)}")
-        return {k: _cat_batch(uncond[k], cond[k], f"{what}[{k!r}]") for k in cond}
-    if isinstance(cond, (list, tuple)):
-        if len(cond) != len(uncond):
-            raise ValueError(f"{what}: cond has {len(cond)} entries, uncond {len(uncond)}")
-        return type(cond)(_cat_batch(u, c, f"{what}[{i}]") for i, (u, c) in enumerate(zip(uncond, cond)))
-    if cond is uncond or cond == uncond:
-        return cond
-    raise ValueError(f"{what}: cannot batch {type(cond).__name__} values that differ between cond and uncond")
+__all__ = ["DDIMSampler", "FixedDDIMSampler", "MultistepSampler", "SAMPLER_NAMES", "TIMESTEP_SPACINGS",
+           "get_fixed_ddim_sampler", "make_sampler", "rescale_noise_cfg"]
 
 
 class _DDIMSamplerBase:
@@ -75,10 +58,11 @@ class _DDIMSamplerBase:
 
     fixed: bool = False
 
-    def __init__(self, model, **_ignored):
+    def __init__(self, model: SamplerModel, **_ignored):
         self.model = model
         self.ddpm_num_timesteps = int(model.num_timesteps)
         self.schedule: Optional[DDIMSchedule] = None
+        self.notices: list[str] = []  # DDIM uses every setting it is given: nothing to say
 
     # ------------------------------------------------------------------------------------------ schedule
     def _build_schedule(self, num_steps: int, spacing: str, eta: float) -> DDIMSchedule:
@@ -145,39 +129,19 @@ class _DDIMSamplerBase:
         that check (when on: three on-device reductions per step, one host sync per run).
         Remaining kwargs go to apply_model, as upstream; see the module docstring for what is ignored.
         """
-        for name in IGNORED_KWARGS:
-            kwargs.pop(name, None)
-        for name, inactive in _INACTIVE_KWARGS.items():
-            if name in kwargs:
-                value = kwargs.pop(name)
-                if not (value is inactive or (not isinstance(value, torch.Tensor) and value == inactive)):
-                    raise ValueError(f"{name}={value!r} is not supported by dc_app's DDIM samplers (only {inactive!r})")
-
-        if len(shape) not in (3, 4):
-            raise ValueError(f"shape={tuple(shape)}: expected (C, T, H, W) or (C, H, W)")
-        size = (int(batch_size), *(int(d) for d in shape))
+        drop_unsupported_kwargs(kwargs)
+        size = latent_size(batch_size, shape)
 
         # Upstream remakes the schedule on every call, from sample()'s own arguments.
         self.make_schedule(ddim_num_steps=S, ddim_discretize=timestep_spacing, ddim_eta=eta, verbose=verbose)
         n_steps = len(self._timesteps_list)
-
-        if variance_noise is not None:
-            if len(variance_noise) != n_steps:
-                raise ValueError(
-                    f"variance_noise has {len(variance_noise)} entries but the schedule runs {n_steps} steps "
-                    f"(S={S}, {timestep_spacing}: timesteps {self._timesteps_list[:3]}...{self._timesteps_list[-1:]})"
-                )
-            for i in range(n_steps):
-                if tuple(variance_noise[i].shape) != tuple(size):
-                    raise ValueError(f"variance_noise[{i}] has shape {tuple(variance_noise[i].shape)}, expected {size}")
+        check_variance_noise(variance_noise, n_steps, size, f"S={S}, {timestep_spacing}: timesteps "
+                             f"{self._timesteps_list[:3]}...{self._timesteps_list[-1:]}")
 
         device = torch.device(self.model.device)
-        if x_T is None:
-            img = torch.randn(size, device=device, generator=generator)
-        else:
-            img = x_T
-
-        use_cfg = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
+        img = torch.randn(size, device=device, generator=generator) if x_T is None else x_T
+        guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
+                             guidance_rescale, fs, batched_cfg, kwargs)
         b = size[0]
         # Per-step coefficients as (1, ..., 1)-shaped views, like upstream's (b, 1, 1, 1, 1) torch.full scalars:
         # dimensioned, so a float16 buffer value times a float32 latent computes in float32, as upstream.
@@ -185,48 +149,22 @@ class _DDIMSamplerBase:
         coefs = [row.unbind(0) for row in self._coef.view(n_steps, 6, *view).unbind(0)]
         vcoefs = [row.unbind(0) for row in self._vcoef.view(n_steps, 2, *view).unbind(0)]
         intermediates = {"x_inter": [img], "pred_x0": [img], "nonfinite": None}
-        extremes: list[torch.Tensor] = []
+        watch = NonfiniteWatchdog(watchdog)
 
         for i in range(n_steps):
             index = n_steps - 1 - i
             t = self._timesteps_list[index]
             self._check_timestep(t, i, index, S, timestep_spacing)
             ts = torch.full((b,), t, device=device, dtype=torch.long)
-
             # 1. Model output, with classifier-free guidance and guidance rescale.
-            if not use_cfg:
-                model_output = self.model.apply_model(img, ts, conditioning, fs=fs, **kwargs)
-            else:
-                if batched_cfg:
-                    out = self.model.apply_model(
-                        torch.cat([img, img]), torch.cat([ts, ts]),
-                        _cat_batch(unconditional_conditioning, conditioning, "conditioning"),
-                        fs=torch.cat([fs, fs]) if isinstance(fs, torch.Tensor) and fs.ndim > 0 else fs,
-                        **{k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == b
-                           else v for k, v in kwargs.items()},
-                    )
-                    out_uncond, out_cond = out[:b], out[b:]
-                else:
-                    out_cond = self.model.apply_model(img, ts, conditioning, fs=fs, **kwargs)
-                    out_uncond = self.model.apply_model(img, ts, unconditional_conditioning, fs=fs, **kwargs)
-                model_output = out_uncond + unconditional_guidance_scale * (out_cond - out_uncond)
-                if guidance_rescale > 0.0:
-                    model_output = rescale_noise_cfg(model_output, out_cond, guidance_rescale)
-
+            model_output = guided(img, ts)
             # 2.-4. DDIM update.
             if variance_noise is not None:
                 noise = variance_noise[i].to(img.device)
             else:
                 noise = torch.randn(img.shape, device=device, generator=generator)
             x_prev, pred_x0 = self._step(img, model_output, coefs[index], vcoefs[index], noise)
-
-            if watchdog:
-                # min and max of each stage, left on the device and read once after the loop (no per-step host
-                # sync). aminmax is one reduction pass without a temporary that propagates NaN and keeps +-inf:
-                # both extremes are finite iff every element is. On CPU it is far cheaper than
-                # isfinite(x).all() (measured 40 us vs 2 ms on a 1x4x16x40x64 latent).
-                for stage in (model_output, pred_x0, x_prev):
-                    extremes.extend(torch.aminmax(stage))
+            watch.record(model_output, pred_x0, x_prev)
             img = x_prev
             if callback is not None:
                 callback(i, n_steps, x_prev, pred_x0)
@@ -234,16 +172,8 @@ class _DDIMSamplerBase:
                 intermediates["x_inter"].append(x_prev)
                 intermediates["pred_x0"].append(pred_x0)
 
-        if watchdog and extremes:
-            ok = torch.isfinite(torch.stack(extremes).view(-1, 3, 2)).all(dim=2).cpu()  # the single sync
-            bad = (~ok).nonzero()
-            if len(bad):
-                i, stage = (int(v) for v in bad[0])
-                index = n_steps - 1 - i
-                intermediates["nonfinite"] = {
-                    "step": i, "index": index, "timestep": self._timesteps_list[index],
-                    "stage": ("model_output", "pred_x0", "x_prev")[stage],
-                }
+        intermediates["nonfinite"] = watch.first_nonfinite(
+            lambda i: {"step": i, "index": n_steps - 1 - i, "timestep": self._timesteps_list[n_steps - 1 - i]})
         return img, intermediates
 
     def _check_timestep(self, t: int, i: int, index: int, num_steps: int, spacing: str) -> None:
@@ -298,7 +228,7 @@ class DDIMSampler(_DDIMSamplerBase):
         # Upstream runs the model at t = -1, then its v->eps conversion gathers the buffers at -1 and raises
         # (the sample is NaN by then anyway). dc_app raises before spending the model call.
         if t < 0 and self.model.parameterization == "v":
-            raise RuntimeError(
+            raise StockRuntimeError(
                 f"{spacing} spacing with {num_steps} steps reaches timestep {t} at step i={i} (DDIM index {index}): "
                 f"out of range 0..{self.ddpm_num_timesteps - 1}, the v-prediction conversion cannot gather it "
                 f"(upstream: RuntimeError: index {t} is out of bounds for dimension 0 with size "
@@ -337,3 +267,19 @@ def get_fixed_ddim_sampler(model, ddim_steps: int, ddim_eta: float, verbose: boo
     sampler = FixedDDIMSampler(model)
     sampler.make_schedule(ddim_steps, default_timestep_spacing(model), ddim_eta, verbose=verbose)
     return sampler
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+SAMPLER_NAMES = ("fixed", "stock", *MULTISTEP_SOLVERS)
+
+
+def make_sampler(name: str, model: SamplerModel):
+    """The sampler called `name` (one of SAMPLER_NAMES) for `model`."""
+    if name == "fixed":
+        return FixedDDIMSampler(model)
+    if name == "stock":
+        return DDIMSampler(model)
+    if name in MULTISTEP_SOLVERS:
+        return MultistepSampler(model, name)
+    raise ValueError(f"sampler {name!r}: expected one of {', '.join(SAMPLER_NAMES)}")

@@ -1,47 +1,27 @@
-"""DDPM betas and the DDIM schedule: upstream's (stock) arithmetic and the fixed arithmetic side by side.
+"""The DDIM schedule: upstream's (stock) arithmetic and the fixed arithmetic side by side.
 
-Everything here is computed in float64 first; what a model stores is the float32 cast of these values.
+Everything here is computed in float64 first; what a model stores is the float32 cast of these values. The
+betas live in dc_app/betas.py and the timestep grids in dc_app/step_grids.py; both are re-exported here,
+where upstream's code keeps them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
 import torch
 
+from .betas import dynamic_rescale_table, linear_betas, model_betas, rescale_zero_terminal_snr
+from .step_grids import ddim_timesteps, grid_timesteps, repair_timesteps
+from .stock_failure import StockIndexError, StockTypeError
 
-def linear_betas(linear_start: float, linear_end: float, num_timesteps: int) -> torch.Tensor:
-    """LDM's "linear" schedule: betas = linspace(sqrt(start), sqrt(end), T)^2, float64."""
-    return torch.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=torch.float64) ** 2
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1 of "Common Diffusion Noise Schedules and Sample Steps are Flawed" (arXiv:2305.08891).
-
-    Shift sqrt(alpha_bar) so its last value is 0 (zero SNR at t = T-1), rescale it so its first value is
-    unchanged, and rebuild the betas. In exact arithmetic the last beta is 1 and alpha_bar[-1] is 0.
-    """
-    betas = betas.to(torch.float64)
-    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    alphas_bar = sqrt_ab**2
-    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return 1.0 - alphas
-
-
-def model_betas(linear_start: float, linear_end: float, num_timesteps: int, zero_snr: bool) -> torch.Tensor:
-    """The float64 betas a DynamiCrafter config describes."""
-    betas = linear_betas(linear_start, linear_end, num_timesteps)
-    return rescale_zero_terminal_snr(betas) if zero_snr else betas
-
-
-def dynamic_rescale_table(base_scale: float, num_timesteps: int = 1000, ramp: int = 400) -> torch.Tensor:
-    """DynamiCrafter's `scale_arr`: linspace(1, base_scale, 400) then base_scale for 1000 more entries, float64.
-
-    Indexed by timestep; the sampler multiplies pred_x0 by scale_arr[t_prev] / scale_arr[t].
-    """
-    ramp_part = torch.linspace(1.0, base_scale, ramp, dtype=torch.float64)
-    flat_part = torch.full((num_timesteps,), base_scale, dtype=torch.float64)
-    return torch.cat([ramp_part, flat_part])
-
+__all__ = [
+    "DDIMSchedule", "DDPMTables", "config_tables", "ddim_timesteps", "dynamic_rescale_table", "fixed_ddim_schedule",
+    "grid_timesteps", "linear_betas", "model_betas", "repair_timesteps", "rescale_zero_terminal_snr",
+    "stock_ddim_schedule",
+]
 
 # =========================================================================================================
 # DDIM schedules.
@@ -62,74 +42,6 @@ def dynamic_rescale_table(base_scale: float, num_timesteps: int = 1000, ramp: in
 #       may have been cast to float16 / bfloat16.
 # docs/nan-fix.md gives the numbers behind every guard.
 # =========================================================================================================
-
-from dataclasses import dataclass  # noqa: E402
-from functools import lru_cache  # noqa: E402
-from typing import Optional  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from .config import TIMESTEP_SPACINGS  # noqa: E402
-
-
-def _check_spacing_and_steps(spacing: str, num_steps: int, num_timesteps: int) -> None:
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"timestep_spacing={spacing!r}: expected one of {', '.join(TIMESTEP_SPACINGS)}")
-    if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"ddim_num_steps={num_steps!r}: expected an integer in 1..{num_timesteps}")
-
-
-def ddim_timesteps(spacing: str, num_steps: int, num_timesteps: int = 1000) -> torch.Tensor:
-    """Upstream's `make_ddim_timesteps`, bit for bit (numpy float rounding included) -> int64, ascending.
-
-    * "uniform": c = N div S; {0, c, 2c, ... < N} + 1. Returns more than S steps whenever c does not divide
-      N evenly (S = 7 -> 8 steps), and its last timestep is N (invalid) whenever c divides N - 1.
-    * "uniform_trailing": c = N / S; round(arange(N, 0, -c)) reversed, minus 1, so the last is N - 1. When
-      N / c rounds up past S, numpy's arange returns one extra element ~0 and the first timestep is -1.
-    Neither is repaired here; see `repair_timesteps`.
-    """
-    _check_spacing_and_steps(spacing, num_steps, num_timesteps)
-    num_steps = int(num_steps)
-    if spacing == "uniform":
-        c = num_timesteps // num_steps
-        steps = np.arange(0, num_timesteps, c, dtype=np.int64) + 1
-    else:
-        # numpy is used on purpose: the extra element comes from arange's length rule, ceil(N / c), and its
-        # values from start + i * ((start - c) - start); torch.arange does neither the same way.
-        c = num_timesteps / num_steps
-        steps = np.flip(np.round(np.arange(num_timesteps, 0, -c))).astype(np.int64) - 1
-    return torch.from_numpy(np.ascontiguousarray(steps))
-
-
-def repair_timesteps(timesteps: torch.Tensor, num_timesteps: int = 1000) -> torch.Tensor:
-    """REPAIR (2): make every timestep valid (0..N-1) and distinct, keeping every valid stock timestep.
-
-    Valid stock timesteps stay (first occurrence of a repeat), so the number of steps is unchanged, upstream's
-    S + 1 steps included. Each invalid timestep (or repeat), in order, becomes the unused valid timestep
-    nearest to it (ties: the smaller); the result is sorted ascending. In practice:
-    "uniform" 1000 -> 999, or -> 0 when 999 is taken (S >= 501 gives 1..1000);
-    "uniform_trailing" -1 -> 0, or, when 0 is taken (S >= 769), the smallest timestep the rounding skipped.
-    """
-    ts = timesteps.detach().cpu().numpy().astype(np.int64)
-    if len(ts) > num_timesteps:
-        raise ValueError(f"{len(ts)} DDIM steps cannot have distinct timesteps in 0..{num_timesteps - 1}")
-    in_range = (ts >= 0) & (ts < num_timesteps)
-    if in_range.all() and (np.diff(ts) > 0).all():
-        return torch.from_numpy(ts.copy())  # nothing to repair (the usual case)
-    keep = np.zeros(len(ts), dtype=bool)
-    _, first = np.unique(np.where(in_range, ts, -1), return_index=True)
-    keep[first] = True
-    keep &= in_range
-    free = np.ones(num_timesteps, dtype=bool)
-    free[ts[keep]] = False
-    out = ts.copy()
-    for pos in np.flatnonzero(~keep):
-        candidates = np.flatnonzero(free)
-        pick = candidates[np.argmin(np.abs(candidates - ts[pos]))]  # first minimum: ties go to the smaller
-        free[pick] = False
-        out[pos] = pick
-    return torch.from_numpy(np.sort(out))
-
 
 def _sqrt(values: torch.Tensor) -> torch.Tensor:
     """Correctly rounded square root of a CPU tensor, in its own dtype (NaN for negative values).
@@ -273,14 +185,14 @@ def stock_ddim_schedule(
     # numpy has no bfloat16: upstream's np.sqrt(alphas_cumprod.cpu()) raises before anything else is computed.
     if alphas_cumprod.dtype not in (torch.float16, torch.float32, torch.float64):
         name = str(alphas_cumprod.dtype).replace("torch.", "")
-        raise TypeError(
+        raise StockTypeError(
             f"stock DDIM cannot use {name} schedule buffers: upstream's make_schedule converts alphas_cumprod "
             f"to numpy (TypeError: Got unsupported ScalarType {'BFloat16' if name == 'bfloat16' else name})"
         )
     # "uniform" yields timestep N whenever c = N div S divides N - 1 (S = 3, 9, 27, 36, 37, every S >= 501).
     too_big = ts[ts >= num_timesteps]
     if too_big.numel():
-        raise IndexError(
+        raise StockIndexError(
             f"{spacing} spacing cannot do {int(num_steps)} steps: timestep {int(too_big[0])} is out of range "
             f"0..{num_timesteps - 1}"
         )
@@ -322,8 +234,9 @@ def fixed_ddim_schedule(
     # REPAIR (3): the config's float64 betas cast to float32, whatever dtype the model's buffers have.
     tables = config_tables(float(linear_start), float(linear_end), int(num_timesteps), bool(zero_snr),
                            None if base_scale is None else float(base_scale))
-    # REPAIR (2): valid, distinct timesteps; every valid stock timestep kept.
-    ts = repair_timesteps(ddim_timesteps(spacing, num_steps, num_timesteps), num_timesteps)
+    # REPAIR (2): valid, distinct timesteps; every valid stock timestep kept (upstream's spacings). dc_app's
+    # own grids ("logsnr") are valid and distinct by construction.
+    ts = grid_timesteps(spacing, num_steps, linear_start, linear_end, num_timesteps, zero_snr)
     p = _ddim_parameters(tables.alphas_cumprod, ts, eta)
     # REPAIR (1): in exact arithmetic 1 - alpha_prev - sigma^2 = (1 - alpha_prev) * (1 - eta^2 * q) with
     # q = (1 - alpha_k / alpha_prev) / (1 - alpha_k) <= 1, so it is >= 0 for eta <= 1, and exactly 0 where

@@ -10,7 +10,9 @@ import math
 
 import pandas as pd
 
+from .config import UPSTREAM_SPACINGS
 from .schedule import DDPMTables, fixed_ddim_schedule, stock_ddim_schedule
+from .stock_failure import StockSamplerFailure
 
 COLUMNS = ("step", "value", "curve")
 
@@ -60,12 +62,15 @@ def schedule_view(model, steps: int, eta: float, spacing: str) -> tuple[pd.DataF
     """-> (long-format table step/value/curve for a line plot, a sentence on where stock breaks)."""
     notes = []
     rows: list[dict] = []
-    try:
-        stock = stock_ddim_schedule(_model_tables(model), spacing, steps, eta, model.num_timesteps)
-        rows += _rows(stock, "stock")
-        notes.append(_stock_note(stock))
-    except (IndexError, TypeError, ValueError) as err:
-        notes.append(f"stock: crashes before the first step: {err}.")
+    if spacing not in UPSTREAM_SPACINGS:
+        notes.append(f"stock: runs upstream's spacings only ({', '.join(UPSTREAM_SPACINGS)}), not {spacing}.")
+    else:
+        try:
+            stock = stock_ddim_schedule(_model_tables(model), spacing, steps, eta, model.num_timesteps)
+            rows += _rows(stock, "stock")
+            notes.append(_stock_note(stock))
+        except StockSamplerFailure as err:
+            notes.append(f"stock: crashes before the first step: {err}.")
     fixed = fixed_ddim_schedule(
         model.linear_start, model.linear_end, model.rescale_betas_zero_snr, spacing, steps, eta,
         model.num_timesteps, model.base_scale if model.use_dynamic_rescale else None,

@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .config import ModelSpec, model_spec
-from .faults import FaultPlan, InjectedFault
+from .config import UPSTREAM_SPACINGS, ModelSpec, model_spec
+from .faults import FaultPlan
 from .images import prepare_image
 from .loading import dtype_name, offload_mode
 from .model_loader import ModelLoader
@@ -28,6 +28,7 @@ from .pipeline import run_synthesis
 from .result import CRASHED, FINITE, NAN, GenerationResult, SamplerOutcome
 from .schedule import ddim_timesteps
 from .settings import FIELDS_BY_NAME, SEED_RANDOM, GenerationSettings, fields_of
+from .stock_failure import StockSamplerFailure
 from .storage import OutputStore
 from .validation import InputError, UserFacingError, whole_number
 from .video import write_mp4, write_sidecar
@@ -158,16 +159,27 @@ class Service:
         the model's default."""
         settings = self.settings_for(values, "generate")
         videos = self._i2v_input(image)
-        return self._finish(self._run_job(settings, videos, [settings.sampler], progress, cancel,
-                                          interp=False, loop=False))
+        return self._finish(self._run_job(settings, videos, [(settings.sampler, settings.timestep_spacing)],
+                                          progress, cancel, interp=False, loop=False))
 
     def compare(self, image, *, progress: Callable[[int, int, str], None] | None = None,
                 cancel: threading.Event | None = None, **values) -> GenerationResult:
-        """Stock and fixed on the same seed and noise; `result.stock` is the stock run (no video after a crash)."""
+        """Stock and the chosen sampler (`sampler`, default fixed) on the same seed and noise; `result.stock` is
+        the stock run (no video after a crash). On a grid stock cannot run (logsnr), stock runs the model's own
+        spacing, and the report says so."""
         settings = self.settings_for(values, "compare")
         videos = self._i2v_input(image)
-        return self._finish(self._run_job(settings, videos, ["stock", "fixed"], progress, cancel,
+        return self._finish(self._run_job(settings, videos, self._compare_runs(settings), progress, cancel,
                                           interp=False, loop=False))
+
+    def _compare_runs(self, settings: GenerationSettings) -> list[tuple[str, str]]:
+        """(sampler, spacing) of a compare's two runs: stock first, then the sampler asked for."""
+        if settings.sampler == "stock":
+            raise InputError("sampler: compare runs stock beside another sampler; choose one of "
+                             + ", ".join(n for n in FIELDS_BY_NAME["sampler"].choices if n != "stock"))
+        spacing = settings.timestep_spacing
+        stock_spacing = spacing if spacing in UPSTREAM_SPACINGS else self.defaults.timestep_spacing
+        return [("stock", stock_spacing), (settings.sampler, spacing)]
 
     def interpolate(self, image, image2=None, *, progress: Callable[[int, int, str], None] | None = None,
                     cancel: threading.Event | None = None, **values) -> GenerationResult:
@@ -183,8 +195,8 @@ class Service:
         half = (self.frames + 1) // 2
         frames = [first] * half + [last] * (self.frames - half)
         videos = torch.stack(frames, dim=1).unsqueeze(0)  # 1 3 t H W
-        return self._finish(self._run_job(settings, videos, [settings.sampler], progress, cancel,
-                                          interp=True, loop=loop))
+        return self._finish(self._run_job(settings, videos, [(settings.sampler, settings.timestep_spacing)],
+                                          progress, cancel, interp=True, loop=loop))
 
     @staticmethod
     def _finish(result: GenerationResult) -> GenerationResult:
@@ -213,8 +225,9 @@ class Service:
         """Frames the VAE decodes at once: 1 with per-frame decode, else the server's chunk (or all frames)."""
         return 1 if settings.perframe_ae else min(self.decode_chunk_size or self.frames, self.frames)
 
-    def _run_job(self, settings: GenerationSettings, videos: torch.Tensor, samplers: list[str], progress, cancel,
-                 interp: bool, loop: bool) -> GenerationResult:
+    def _run_job(self, settings: GenerationSettings, videos: torch.Tensor, runs: list[tuple[str, str]], progress,
+                 cancel, interp: bool, loop: bool) -> GenerationResult:
+        """Run each (sampler, spacing) of `runs` on the same seed; whatever fails, nothing written is left."""
         seed = settings.seed if settings.seed != SEED_RANDOM else secrets.randbelow(2**32)
         self._acquire(cancel)
         written: list[Path] = []
@@ -223,10 +236,10 @@ class Service:
             self._stage = "starting"
             self.store.sweep()
             outcomes = []
-            for k, name in enumerate(samplers):
-                label = f"{name} sampler" + (f" ({k + 1} of {len(samplers)})" if len(samplers) > 1 else "")
-                outcomes.append(self._run_one(settings, videos, name, seed, progress, cancel, label, interp, loop,
-                                              written))
+            for k, (name, spacing) in enumerate(runs):
+                label = f"{name} sampler" + (f" ({k + 1} of {len(runs)})" if len(runs) > 1 else "")
+                outcomes.append(self._run_one(settings, videos, name, spacing, seed, progress, cancel, label, interp,
+                                              loop, written))
             return GenerationResult(settings=settings, seed=seed, model_name=self.model_name,
                                     outcomes=tuple(outcomes), schedule_notes=self._schedule_notes(settings, outcomes))
         except Exception as err:
@@ -256,8 +269,8 @@ class Service:
         self._free_memory()
         raise failure
 
-    def _run_one(self, settings: GenerationSettings, videos: torch.Tensor, sampler: str, seed: int, progress,
-                 cancel, label: str, interp: bool, loop: bool, written: list[Path]) -> SamplerOutcome:
+    def _run_one(self, settings: GenerationSettings, videos: torch.Tensor, sampler: str, spacing: str, seed: int,
+                 progress, cancel, label: str, interp: bool, loop: bool, written: list[Path]) -> SamplerOutcome:
         model = self.model
         h, w = model.image_size
         noise_shape = [1, model.channels, self.frames, h, w]
@@ -285,7 +298,7 @@ class Service:
                 result = run_synthesis(
                     model, sampler, [settings.prompt], videos, noise_shape, n_samples=1, ddim_steps=settings.steps,
                     ddim_eta=settings.eta, unconditional_guidance_scale=settings.cfg_scale, fs=settings.fs,
-                    timestep_spacing=settings.timestep_spacing, guidance_rescale=settings.guidance_rescale,
+                    timestep_spacing=spacing, guidance_rescale=settings.guidance_rescale,
                     interp=interp, loop=loop, generator=generator, callback=on_step,
                     decode_chunk_size=decode_chunk, batched_cfg=self.cfg_mode == "batched",
                 )
@@ -298,14 +311,12 @@ class Service:
         except Cancelled:
             log.info("%s: cancelled at step %d", label, step_now[0])
             raise
-        except InjectedFault:
-            raise  # a test's fault stands for an unexpected error, never for a stock crash
-        except (IndexError, TypeError, RuntimeError, ValueError) as err:
+        except StockSamplerFailure as err:
             if sampler != "stock":
-                raise
+                raise  # only upstream's own code path fails like upstream: elsewhere it is a bug
             # Upstream's sampler fails on some settings; that is what the compare view exists to show.
-            return SamplerOutcome(sampler, CRASHED, time.perf_counter() - started, peak_bytes=peak.bytes,
-                                  crash_reason=str(err))
+            return SamplerOutcome(sampler, CRASHED, time.perf_counter() - started, spacing=spacing,
+                                  peak_bytes=peak.bytes, crash_reason=str(err))
 
         video = result.videos[0, 0]  # 3 t H W
         mp4, sidecar = self.store.new_paths(sampler)
@@ -313,13 +324,14 @@ class Service:
         written.append(mp4)
         self._stage = "writing the video"
         write_mp4(video, mp4, fps=self.fps, on_frame=frame_hook)
-        outcome = self._outcome(sampler, result, video, time.perf_counter() - started, peak.bytes, mp4, sidecar)
+        outcome = self._outcome(sampler, spacing, result, video, time.perf_counter() - started, peak.bytes, mp4,
+                                sidecar)
         written.append(sidecar)
         write_sidecar(sidecar, self._sidecar(settings, seed, outcome, decode_chunk, interp, loop))
         return outcome
 
     @staticmethod
-    def _outcome(sampler: str, result, video: torch.Tensor, seconds: float, peak_bytes: int | None,
+    def _outcome(sampler: str, spacing: str, result, video: torch.Tensor, seconds: float, peak_bytes: int | None,
                  mp4: Path, sidecar: Path) -> SamplerOutcome:
         """What a finished run amounts to: finite, or where NaN appeared and how much of the video it blacked out."""
         black_share = float((~torch.isfinite(video)).float().mean())
@@ -327,9 +339,10 @@ class Service:
         nf = result.nonfinite
         status = FINITE if nf is None and black_share == 0 else NAN
         return SamplerOutcome(
-            sampler, status, seconds, video=mp4, sidecar=sidecar, peak_bytes=peak_bytes, timesteps=timesteps,
-            nan_step=None if nf is None else int(nf["step"]) + 1,
-            nan_timestep=None if nf is None else int(nf["timestep"]), black_share=black_share)
+            sampler, status, seconds, spacing=spacing, video=mp4, sidecar=sidecar, peak_bytes=peak_bytes,
+            timesteps=timesteps, nan_step=None if nf is None else int(nf["step"]) + 1,
+            nan_timestep=None if nf is None else int(nf["timestep"]), black_share=black_share,
+            notices=tuple(getattr(result, "notices", ())))
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -338,18 +351,25 @@ class Service:
 
     # --------------------------------------------------------------------------------------- reports
     def _schedule_notes(self, settings: GenerationSettings, outcomes: list[SamplerOutcome]) -> tuple[str, ...]:
-        """What the spacing did to the step count, and what the fixed sampler repaired, in words."""
+        """What the spacing did to the step count, what the fixed sampler repaired, and which spacing stock ran
+        when it cannot run the one asked for, in words."""
         notes = []
+        stock = next((o for o in outcomes if o.sampler == "stock"), None)
+        if stock is not None and stock.spacing != settings.timestep_spacing:
+            notes.append(f"stock: runs upstream's spacings only; it ran {stock.spacing} (the model's default), "
+                         f"not {settings.timestep_spacing}")
+        if settings.timestep_spacing not in UPSTREAM_SPACINGS:
+            return tuple(notes)  # dc_app's own grids: every timestep valid, the step count as asked
         upstream = [int(t) for t in ddim_timesteps(settings.timestep_spacing, settings.steps,
                                                    self.model.num_timesteps)]
         if len(upstream) != settings.steps:
             notes.append(f"steps: {settings.timestep_spacing} spacing runs {len(upstream)} steps for the "
                          f"{settings.steps} asked (upstream's rounding, kept so results match upstream's)")
         invalid = [t for t in upstream if not 0 <= t < self.model.num_timesteps]
-        fixed = next((o for o in outcomes if o.sampler == "fixed" and o.timesteps), None)
-        if invalid and fixed is not None:
-            replaced = sorted(set(fixed.timesteps) - set(upstream))
-            notes.append(f"fixed: timestep {', '.join(map(str, invalid))} is outside "
+        repaired = next((o for o in outcomes if o.sampler != "stock" and o.timesteps), None)
+        if invalid and repaired is not None:
+            replaced = sorted(set(repaired.timesteps) - set(upstream))
+            notes.append(f"{repaired.sampler}: timestep {', '.join(map(str, invalid))} is outside "
                          f"0..{self.model.num_timesteps - 1}; it ran {', '.join(map(str, replaced))} instead")
         return tuple(notes)
 
@@ -359,6 +379,7 @@ class Service:
             "model": self.model_name,
             **settings.as_dict(),
             "sampler": outcome.sampler,
+            "timestep_spacing": outcome.spacing,
             "seed": seed,
             "interp": interp,
             "loop": loop,
@@ -374,6 +395,7 @@ class Service:
             "cfg_mode": self.cfg_mode,
             "ddim_timesteps": list(outcome.timesteps),
             "report": outcome.line(),
+            "notices": list(settings.notices + outcome.notices),
             "seconds": round(outcome.seconds, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -15,7 +15,8 @@ import argparse
 from dataclasses import dataclass, field, fields as dataclass_fields
 from typing import Any, Callable, Mapping
 
-from .config import TIMESTEP_SPACINGS, ModelDefaults
+from .config import ModelDefaults
+from .sampling import SAMPLER_NAMES, TIMESTEP_SPACINGS
 from .validation import (
     InputError,
     choice,
@@ -26,8 +27,21 @@ from .validation import (
     whole_number,
 )
 
-SAMPLER_NAMES = ("fixed", "stock")
 SEED_RANDOM = -1
+
+# One line per choice, shown beside it in the UI (docs/samplers.md has the measurements behind the advice).
+SAMPLER_HELP = {
+    "fixed": "DDIM, upstream's arithmetic with the NaN repairs (the default; eta 1 is upstream's)",
+    "stock": "upstream's DDIM as it is, failures included",
+    "dpmpp_2m": "DPM-Solver++(2M): deterministic, 10-15 steps on the logsnr grid",
+    "dpmpp_2m_sde": "DPM-Solver++(2M) SDE: eta is its noise scale (eta 0 is dpmpp_2m)",
+    "unipc": "UniPC (bh2) with its corrector: deterministic, 10-15 steps on the logsnr grid",
+}
+SPACING_HELP = {
+    "uniform": "evenly spaced timesteps (the 256 model's default)",
+    "uniform_trailing": "evenly spaced, ending at t=999 (the zero-SNR models' default)",
+    "logsnr": "evenly spaced in log-SNR: made for the multistep samplers",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class Field:
     bounds: tuple[float, float] | None = None
     model_bounds: str | None = None
     choices: tuple[str, ...] = ()
+    choice_help: Mapping[str, str] | None = None  # a line per choice, for the UI and --help
     ui_step: float | None = None
     ui_max: float | None = None
     advanced: bool = False
@@ -102,10 +117,11 @@ FIELDS: tuple[Field, ...] = (
     Field("guidance_rescale", "float", "Guidance rescale", "phi of arXiv:2305.08891, 0-1",
           model_default="guidance_rescale", bounds=(0.0, 1.0), ui_step=0.05, advanced=True),
     Field("timestep_spacing", "choice", "Timestep spacing", "which timesteps the sampler visits",
-          model_default="timestep_spacing", choices=TIMESTEP_SPACINGS, advanced=True, ui_id="spacing"),
-    Field("sampler", "choice", "Sampler", "fixed never gives NaN; stock is upstream's, failures included",
-          default="fixed", choices=SAMPLER_NAMES, advanced=True,
-          endpoints=frozenset({"generate", "interpolate"})),
+          model_default="timestep_spacing", choices=TIMESTEP_SPACINGS, choice_help=SPACING_HELP, advanced=True,
+          ui_id="spacing"),
+    Field("sampler", "choice", "Sampler",
+          "every sampler but stock never gives NaN; compare runs stock beside the one chosen here",
+          default="fixed", choices=SAMPLER_NAMES, choice_help=SAMPLER_HELP, advanced=True),
     Field("perframe_ae", "flag", "VAE per-frame decode (less memory)",
           "decode the VAE one frame at a time (less memory)", model_default="perframe_ae", advanced=True,
           ui_id="perframe"),
@@ -174,7 +190,9 @@ def add_cli_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         if f.kind == "flag":
             parser.add_argument(f.flag, action=argparse.BooleanOptionalAction, default=default, help=shown)
         elif f.kind == "choice":
-            parser.add_argument(f.flag, choices=f.choices, default=default, help=shown)
+            lines = "; ".join(f"{c}: {f.choice_help[c]}" for c in f.choices) if f.choice_help else ""
+            parser.add_argument(f.flag, choices=f.choices, default=default,
+                                help=shown + (f". {lines}" if lines else ""))
         else:
             parser.add_argument(f.flag, type={"int": int, "seed": int, "float": float, "text": str}[f.kind],
                                 default=default, help=shown)

@@ -108,7 +108,9 @@ def _control(f: Field, service: Service, prefix: str) -> gr.components.Component
     if f.kind == "seed":
         return gr.Number(value=default, precision=0, minimum=-1, maximum=SEED_MAX, label=f.label, elem_id=elem_id)
     if f.kind == "choice":
-        return gr.Radio(list(f.choices), value=default, label=f.label, info=f.help, elem_id=elem_id)
+        # Each choice with its one-line explanation; the value sent is the bare name.
+        choices = [(f"{c}: {f.choice_help[c]}" if f.choice_help else c, c) for c in f.choices]
+        return gr.Radio(choices, value=default, label=f.label, info=f.help, elem_id=elem_id)
     if f.kind == "flag":
         return gr.Checkbox(value=default, label=f.label, elem_id=elem_id)
     lo, hi = f.bounds_for(d)
@@ -137,13 +139,13 @@ def _settings(service: Service, endpoint: str, prefix: str = "") -> dict:
 
 
 def _follow_schedule(service: Service, c: dict, plot, plot_note) -> None:
-    """The plot and its note follow every change of steps, eta and spacing: dragging, typing, example rows.
+    """The plot and its note follow every change of steps, eta, spacing and sampler: dragging, typing, example rows.
 
     `.change` fires for programmatic updates too (an example row), which `.release` never does; typing a
     number fires it on every keystroke, which the plot (pure arithmetic, no model run) keeps up with.
     """
-    schedule_inputs = [c["steps"], c["eta"], c["timestep_spacing"]]
-    gr.on([c["steps"].change, c["eta"].change, c["timestep_spacing"].change], ui_schedule(service),
+    schedule_inputs = [c["steps"], c["eta"], c["timestep_spacing"], c["sampler"]]
+    gr.on([c[name].change for name in ("steps", "eta", "timestep_spacing", "sampler")], ui_schedule(service),
           inputs=schedule_inputs, outputs=[plot, plot_note], queue=False, api_visibility="private",
           show_progress="hidden")
 
@@ -169,7 +171,7 @@ def build_demo(service: Service) -> gr.Blocks:
                     image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
                                      image_mode=None, elem_id="image")
                     s = _settings(service, "generate")
-                    compare = gr.Checkbox(label="Compare stock and fixed samplers side by side",
+                    compare = gr.Checkbox(label="Compare: upstream's stock sampler beside the chosen one, same noise",
                                           elem_id="compare")
                     with gr.Row():
                         run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -214,7 +216,7 @@ def build_demo(service: Service) -> gr.Blocks:
                        api_visibility="private")
         # While the model loads: the banner says what happens, every STATUS_REFRESH_S; the plot follows when ready.
         gr.on([demo.load, status_timer.tick], ui_model_status(service),
-              inputs=[s["steps"], s["eta"], s["timestep_spacing"]],
+              inputs=[s["steps"], s["eta"], s["timestep_spacing"], s["sampler"]],
               outputs=[model_status, status_timer, plot, plot_note], queue=False, api_visibility="private",
               show_progress="hidden")
         _follow_schedule(service, s, plot, plot_note)

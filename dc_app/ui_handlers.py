@@ -205,7 +205,7 @@ def ui_run(service: Service, rule: UploadRule | None = None) -> Callable:
             stock = result.stock
             # Each video gets its own line of the report (time included) right under it.
             return (gr.update(visible=True), _path(stock.video), stock.line(),
-                    gr.update(value=_path(result.video), label="fixed sampler"), result.main.line(),
+                    gr.update(value=_path(result.video), label=f"{result.main.sampler} sampler"), result.main.line(),
                     result.report(), result.seed, _path(result.sidecar))
         result = await run_cancellable(gen_gpu, image=image, progress=_progress_adapter(progress), **values)
         return (gr.update(visible=False), None, "", gr.update(value=_path(result.video),
@@ -242,17 +242,22 @@ def random_seed() -> int:
 
 
 def ui_schedule(service: Service) -> Callable:
-    """Schedule plot for the current steps, eta and spacing; out-of-range slider states show a note instead."""
+    """Schedule plot for the current steps, eta, spacing and sampler; out-of-range slider states show a note
+    instead. The curves are the DDIM pair's (stock and fixed); the note names the sampler and grid chosen."""
 
-    def plot(steps, eta, timestep_spacing):
+    def plot(steps, eta, timestep_spacing, sampler="fixed"):
         state, status = service.model_status
         if state != "ready":
             return None, f"The schedule plot appears once the model is loaded ({status})."
         try:
-            s = service.settings_for(dict(steps=steps, eta=eta, timestep_spacing=timestep_spacing))
+            s = service.settings_for(dict(steps=steps, eta=eta, timestep_spacing=timestep_spacing, sampler=sampler))
         except InputError as err:
             return None, str(err)
-        return schedule_view(service.model, s.steps, s.eta, s.timestep_spacing)
+        table, note = schedule_view(service.model, s.steps, s.eta, s.timestep_spacing)
+        if s.sampler not in ("fixed", "stock"):
+            note += (f" Chosen: {s.sampler} on the {s.timestep_spacing} grid, the same {s.steps} timesteps; it has "
+                     f"no DDIM sigma, and every step of it is finite.")
+        return table, note
 
     return plot
 
@@ -271,11 +276,11 @@ def ui_model_status(service: Service) -> Callable:
     schedule plot (drawn once the model is there)."""
     plot = ui_schedule(service)
 
-    def tick(steps, eta, timestep_spacing):
+    def tick(steps, eta, timestep_spacing, sampler="fixed"):
         state, status = service.model_status  # read once: the banner and the timer agree
         text = model_banner(state, status)
         return (gr.update(value=text, visible=bool(text)), gr.Timer(active=state == "loading"),
-                *plot(steps, eta, timestep_spacing))
+                *plot(steps, eta, timestep_spacing, sampler))
 
     return tick
 

@@ -160,6 +160,26 @@ def test_compare_reports_the_stock_crash_in_words(client, images):
     assert assert_model_video(fixed).std() > 5
 
 
+@pytest.mark.parametrize("sampler", ["fixed", "stock", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_every_sampler_through_the_api(client, images, sampler):
+    spacing = "uniform_trailing" if sampler == "stock" else "logsnr"  # stock runs upstream's spacings only
+    video, report, seed = client.predict(handle_file(images["ok"]), steps=3, seed=21, sampler=sampler,
+                                         timestep_spacing=spacing, api_name="/generate")
+    assert assert_model_video(video).std() > 1
+    assert report.startswith(f"{sampler}: finite") and seed == 21
+
+
+def test_compare_beside_a_multistep_sampler_on_logsnr(client, images):
+    stock, chosen, report = client.predict(handle_file(images["ok"]), steps=7, eta=1.0, sampler="unipc",
+                                           timestep_spacing="logsnr", seed=3, api_name="/compare")
+    lines = report.splitlines()
+    # stock cannot run logsnr: it runs the model's trailing spacing, with upstream's NaN at 7 steps, eta 1
+    assert lines[0].startswith("stock: NaN from step 1 of 7 (t=999): video is black"), report
+    assert lines[1].startswith("unipc: finite"), report
+    assert "stock: runs upstream's spacings only; it ran uniform_trailing (the model's default), not logsnr" in lines
+    assert assert_model_video(chosen).std() > 5
+
+
 # ------------------------------------------------------------------------------------ bad-input corpus
 
 

@@ -200,3 +200,16 @@ def test_performance_defaults():
     args = build_parser().parse_args(["batch", "--input", "x", "--out-dir", "y", "--compile", "--decode-chunk-size",
                                       "3"])
     assert (args.compile, args.decode_chunk_size) == (True, 3)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_every_multistep_sampler_makes_a_playable_mp4(tmp_path, sampler):
+    out = tmp_path / "x.mp4"
+    code = main(["generate", "--model", "tiny", "--image", str(ASSETS / "coffee.jpg"), "--out", str(out),
+                 "--steps", "3", "--sampler", sampler, "--timestep-spacing", "logsnr", "--eta", "0.5", "--seed", "3"])
+    assert code == 0
+    frames = iio.imread(out)
+    assert frames.shape == (4, 64, 64, 3) and frames.std() > 1
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert (record["sampler"], record["timestep_spacing"], record["steps"]) == (sampler, "logsnr", 3)
+    assert bool(record["notices"]) == (sampler != "dpmpp_2m_sde")  # the deterministic ones ignore eta 0.5

@@ -22,8 +22,10 @@ from dc_app.config import CONFIG_DIR, load_model_config, model_spec
 from dc_app.faults import parse_fault
 from dc_app.pipeline import SynthesisResult
 from dc_app.schedule import ddim_timesteps, repair_timesteps
+from dc_app.step_grids import grid_timesteps
 from dc_app.settings import fields_of
 from dc_app.result import FINITE, SamplerOutcome, run_note
+from dc_app.stock_failure import StockIndexError
 from dc_app.service import Cancelled, OutOfMemory, PeakMemory, RunFailed, Service
 from dc_app.storage import MIN_KEEP_S, OutputStore
 from dc_app.validation import InputError
@@ -61,8 +63,11 @@ class FakePipeline:
                                loop=loop, decode_chunk_size=decode_chunk_size, generator=generator, **kw))
         if sampler in self.raise_for:
             raise self.raise_for[sampler]
-        timesteps = ddim_timesteps(timestep_spacing, ddim_steps)
-        timesteps = [int(t) for t in (repair_timesteps(timesteps) if sampler == "fixed" else timesteps)]
+        if timestep_spacing == "logsnr":  # dc_app's own grid (tiny's schedule: zero-SNR, 512's betas)
+            timesteps = [int(t) for t in grid_timesteps("logsnr", ddim_steps, 0.00085, 0.012, zero_snr=True)]
+        else:
+            timesteps = ddim_timesteps(timestep_spacing, ddim_steps)
+            timesteps = [int(t) for t in (repair_timesteps(timesteps) if sampler != "stock" else timesteps)]
         for i in range(len(timesteps)):
             if callback is not None:
                 callback(i, len(timesteps), None, None)
@@ -160,7 +165,7 @@ def test_api_signature_matches_service_and_model_defaults(tmp_path):
     ("guidance_rescale", 1.5, "guidance_rescale: expected a number from 0 to 1, got 1.5"),
     ("seed", -2, "seed: expected -1 (random) or a whole number from 0 to 4294967295, got -2"),
     ("seed", 2**32, "seed: expected -1 (random) or a whole number from 0 to 4294967295, got 4294967296"),
-    ("timestep_spacing", "linear", "timestep_spacing: expected one of uniform, uniform_trailing, got 'linear' (text)"),
+    ("timestep_spacing", "linear", "timestep_spacing: expected one of uniform, uniform_trailing, logsnr, got 'linear' (text)"),
     ("perframe_ae", "yes", "perframe_ae: expected true or false, got 'yes' (text)"),
     ("prompt", 42, "prompt: expected text of at most 4000 characters, got 42"),
     ("prompt", "x" * 4001, "prompt: expected text of at most 4000 characters, got 4001"),
@@ -177,7 +182,7 @@ def test_every_field_is_checked_with_its_range(tmp_path, field, value, message):
 
 def test_unknown_sampler_is_refused_before_any_work(tmp_path, fake, image):
     svc = Service(stub_model(), output_dir=tmp_path)
-    with pytest.raises(InputError, match="^sampler: expected one of fixed, stock, got 'ddpm'"):
+    with pytest.raises(InputError, match="^sampler: expected one of fixed, stock, dpmpp_2m, dpmpp_2m_sde, unipc, got 'ddpm'"):
         svc.generate(image, sampler="ddpm")
     assert fake.calls == []
 
@@ -301,7 +306,7 @@ def test_report_stock_nan_and_fixed_finite(tmp_path, fake, image):
 
 
 def test_report_stock_crash_has_no_video(tmp_path, fake, image):
-    fake.raise_for["stock"] = IndexError("uniform spacing cannot do 36 steps: timestep 1000 is out of range 0..999")
+    fake.raise_for["stock"] = StockIndexError("uniform spacing cannot do 36 steps: timestep 1000 is out of range 0..999")
     svc = Service(stub_model(), output_dir=tmp_path)
     stock, fixed, report = compare_api(svc.compare(image, steps=36, timestep_spacing="uniform", seed=5))
     assert stock is None and fixed.endswith(".mp4")
@@ -648,3 +653,38 @@ def test_sidecar_has_the_peak_only_when_measured(tmp_path):
     measured = svc._sidecar(settings, 1, replace(run, peak_bytes=123_456), 4, False, False)
     unmeasured = svc._sidecar(settings, 1, run, 4, False, False)
     assert measured["peak_vram_bytes"] == 123_456 and "peak_vram_bytes" not in unmeasured
+
+
+# ------------------------------------------------------------------------------ samplers and grids (issue 11)
+
+
+def test_compare_runs_stock_beside_the_chosen_sampler(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    result = svc.compare(image, steps=3, seed=4, sampler="unipc", timestep_spacing="uniform_trailing")
+    assert [c["sampler"] for c in fake.calls] == ["stock", "unipc"]
+    assert [o.sampler for o in result.outcomes] == ["stock", "unipc"] and result.main.sampler == "unipc"
+    assert result.report().splitlines()[1].startswith("unipc: finite")
+    with pytest.raises(InputError, match="^sampler: compare runs stock beside another sampler"):
+        svc.compare(image, steps=3, sampler="stock")
+
+
+def test_stock_runs_the_models_spacing_on_a_grid_it_cannot_run(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)  # tiny: uniform_trailing by default
+    result = svc.compare(image, steps=5, seed=4, sampler="dpmpp_2m", timestep_spacing="logsnr")
+    assert [(c["sampler"], c["spacing"]) for c in fake.calls] == [("stock", "uniform_trailing"),
+                                                                  ("dpmpp_2m", "logsnr")]
+    assert ("stock: runs upstream's spacings only; it ran uniform_trailing (the model's default), not logsnr"
+            in result.report().splitlines())
+    sidecars = [json.loads(open(o.sidecar).read()) for o in result.outcomes]
+    assert [(r["sampler"], r["timestep_spacing"]) for r in sidecars] == [("stock", "uniform_trailing"),
+                                                                        ("dpmpp_2m", "logsnr")]
+
+
+
+def test_tiny_deterministic_samplers_say_they_ignore_eta(tiny_service, image):
+    result = tiny_service.generate(image, steps=2, seed=5, eta=1.0, sampler="dpmpp_2m", timestep_spacing="logsnr")
+    notices = [line for line in result.report().splitlines() if line.startswith("eta=")]
+    assert len(notices) == 1 and "dpmpp_2m is deterministic" in notices[0]
+    assert json.loads(open(result.sidecar).read())["notices"] == notices
+    quiet = tiny_service.generate(image, steps=2, seed=5, eta=0.0, sampler="dpmpp_2m", timestep_spacing="logsnr")
+    assert not [line for line in quiet.report().splitlines() if line.startswith("eta=")]

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..schedule import dynamic_rescale_table, model_betas
+from ..betas import dynamic_rescale_table, model_betas
 from .autoencoder import AutoencoderKL
 from .clip import OpenCLIPImageEmbedder, OpenCLIPTextEmbedder
 from .resampler import Resampler
