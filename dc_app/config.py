@@ -12,7 +12,9 @@ from typing import Union
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny")
+MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny", "tooncrafter_512", "tooncrafter_tiny")
+# Test models: no checkpoint exists, they get seeded random weights (dc_app.models.random_init).
+RANDOM_WEIGHT_MODELS = ("tiny", "tooncrafter_tiny")
 TIMESTEP_SPACINGS = ("uniform", "uniform_trailing")
 
 # What a yaml without a `defaults:` block gets: the 512 model's settings (upstream scripts/run.sh).
@@ -49,7 +51,7 @@ class ModelDefaults:
 
 
 def load_model_config(name_or_path: Union[str, Path]) -> DictConfig:
-    """Return the config for a model name (256, 512, 1024, 512_interp, tiny) or an upstream-schema yaml path."""
+    """Return the config for a model name (one of MODEL_NAMES) or an upstream-schema yaml path."""
     key = str(name_or_path)
     if key in MODEL_NAMES:
         path = CONFIG_DIR / f"{key}.yaml"

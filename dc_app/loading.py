@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from .checkpoints import check_keys, read_checkpoint, resolve_checkpoint
-from .config import load_model_config, model_defaults
+from .config import RANDOM_WEIGHT_MODELS, load_model_config, model_defaults
 from .options import OFFLOAD_MODES
 
 TINY_SEED = 0
@@ -60,7 +60,8 @@ def load_pretrained(
     checkpoint: Union[str, Path, None] = None,
     vae_dtype: Union[str, torch.dtype, None] = None,
 ):
-    """Download (if needed) and strictly load a model; `tiny` gets seeded random weights instead.
+    """Download (if needed) and strictly load a model; the test models (`tiny`, `tooncrafter_tiny`) get seeded
+    random weights instead.
 
     The model is built on the meta device and adopts the checkpoint's (memory-mapped) tensors with
     `load_state_dict(assign=True)`, so the weights are never held twice in RAM.
@@ -68,7 +69,7 @@ def load_pretrained(
     cfg = _as_config(name)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype)
-    if checkpoint is None and cfg.name == "tiny":
+    if checkpoint is None and cfg.name in RANDOM_WEIGHT_MODELS:
         from .models.random_init import randomize_parameters
 
         model = randomize_parameters(build_model(cfg, device="cpu"), seed=TINY_SEED)
