@@ -40,7 +40,7 @@ FUSION_HEADS, FUSION_HEAD_DIM = 8, 64
 def frames_to_video(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(b t) c h w -> b c t h w."""
     bt, c, h, w = x.shape
-    return x.view(bt // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
+    return x.reshape(bt // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 def video_to_frames(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class Combiner(nn.Module):
         b, c, l, h, w = reference.shape
         projected = self.conv(video_to_frames(reference)).view(b, l, c, h, w)  # b l c h w
         # Upstream adds in place on a view of its input; dc_app adds onto a copy so the caller's tensor is kept.
-        video = x.view(b, num_frames, *x.shape[1:]).clone()  # b t c h w
+        video = x.reshape(b, num_frames, *x.shape[1:]).clone()  # b t c h w
         video[:, 0] += projected[:, 0]
         video[:, -1] += projected[:, 1]
         return video.view_as(x)
