@@ -344,3 +344,17 @@ def test_loop_and_i2v_modes_also_decode_with_references(toon_model):
         result = run_synthesis(toon_model, "fixed", ["x"], frames, [1, 4, 4, 8, 8], ddim_steps=2,
                                generator=torch.Generator().manual_seed(0), **mode)
         assert torch.isfinite(result.videos).all() and result.videos.shape == (1, 1, 3, 4, 64, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_vae_runs_close_to_float32(dtype, toon_weights, toon_cases, references):
+    # Loose bounds: only catches broken low-precision paths (dtype mismatch, overflow, NaN), not rounding.
+    model = build_model(load_model_config("tooncrafter_tiny"))
+    model.load_state_dict(toon_weights, strict=True)
+    model.set_dtype(torch.float32, vae_dtype=dtype)
+    z, refs = model.encode_keyframes(toon_cases["interp_video_in"], noise=toon_cases["enc_z_noise"])
+    assert refs[0].dtype == dtype
+    torch.testing.assert_close(z, toon_cases["enc_z"], atol=0.05, rtol=0.05)
+    decoded = model.decode_first_stage(toon_cases["dec_z"], references=references)
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, toon_cases["dec_out"], atol=0.2, rtol=0.05)
