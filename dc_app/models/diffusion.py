@@ -16,8 +16,8 @@ from torch import nn
 from ..config import ModelDefaults, model_defaults
 from ..schedule import dynamic_rescale_table, model_betas
 from .autoencoder import AutoencoderKL
-from .dualref_decoder import DualRefAutoencoderKL
 from .clip import OpenCLIPImageEmbedder, OpenCLIPTextEmbedder
+from .dualref_decoder import DualRefAutoencoderKL
 from .resampler import Resampler
 from .unet import UNetModel
 
