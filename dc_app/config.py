@@ -19,7 +19,8 @@ from typing import Any, Union
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny", "tiny_interp")
+MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny", "tiny_interp", "tooncrafter_512",
+               "tooncrafter_tiny")
 # Upstream's DDIM spacings: what the stock sampler and a yaml's `defaults:` accept. dc_app's samplers accept
 # more (dc_app.sampling.TIMESTEP_SPACINGS); keeping the two lists apart means neither stock nor a yaml file
 # starts accepting a new grid by accident.

@@ -33,27 +33,56 @@ def default_fs(model) -> int:
 
 
 def image_conditioning(model, videos: torch.Tensor, loop: bool, interp: bool,
-                       posterior_noise: torch.Tensor | None, generator) -> torch.Tensor:
-    """`c_concat`: latents of the conditioning frame(s), laid over the model's T frames (b, 4, T, h, w).
+                       posterior_noise: torch.Tensor | None, generator) -> tuple[torch.Tensor, list | None]:
+    """(`c_concat`, references): latents of the conditioning frame(s) laid over the model's T frames
+    (b, 4, T, h, w), and for a temporal decoder (ToonCrafter) the keyframes' reference features, else None.
 
     i2v: frame 0's latent repeated over T. interp/loop: first and last frame latents at both ends,
     zeros between. Only those frames are encoded; upstream encodes every frame and keeps these, which
-    draws more posterior noise but gives the same values when the noise is injected.
+    draws more posterior noise but gives the same values when the noise is injected (the encoder works
+    frame by frame, so the first and last frames' features do not depend on the frames between).
     `posterior_noise`: ((b t), 4, h, w) draws in upstream's order (one per input frame).
     """
     b, _, t, _, _ = videos.shape
-    frame_ids = [0, t - 1] if (loop or interp) else [0]
+    temporal = getattr(model, "temporal_decoder", False)
+    # ToonCrafter's decoder always takes the first and last frame's features, whatever the mode.
+    frame_ids = [0, t - 1] if (loop or interp or temporal) else [0]
     noise = None
     if posterior_noise is not None:
         per_video = posterior_noise.reshape(b, t, *posterior_noise.shape[1:])  # b t 4 h w
         noise = per_video[:, frame_ids].reshape(b * len(frame_ids), *posterior_noise.shape[1:])
-    z = model.encode_first_stage(videos[:, :, frame_ids], noise=noise, generator=generator)  # b 4 f h w
+    references = None
+    if temporal:
+        z, references = model.encode_keyframes(videos[:, :, frame_ids], noise=noise, generator=generator)
+    else:
+        z = model.encode_first_stage(videos[:, :, frame_ids], noise=noise, generator=generator)  # b 4 f h w
     T = model.temporal_length
     if loop or interp:
         cond = torch.zeros(b, z.shape[1], T, *z.shape[3:], dtype=z.dtype, device=z.device)
         cond[:, :, 0], cond[:, :, -1] = z[:, :, 0], z[:, :, -1]
-        return cond
-    return z[:, :, :1].expand(-1, -1, T, -1, -1).contiguous()  # b 4 T h w
+        return cond, references
+    return z[:, :, :1].expand(-1, -1, T, -1, -1).contiguous(), references  # b 4 T h w
+
+
+def decode_with_references(model, samples: torch.Tensor, references: list) -> torch.Tensor:
+    """ToonCrafter's decode of sampled latents (b, 4, T, h, w) -> (b, 3, T, H, W), upstream's statements
+    (scripts/evaluation/inference.py:262-270) including their middle-frame fix-up.
+
+    All T frames are decoded with the references; then the latents without frames 1 and T-2 are decoded again
+    (T-2 frames, so every chunk position shifts), and output frames T/2-1 and T/2 are taken from that second
+    decode (its frames T/2-2 and T/2-1, i.e. latent frames T/2-1 and T/2 again, in the shorter context).
+    Upstream gives no reason; it changes those two frames only. At T = 4 it is degenerate: output frames 1, 2
+    become the decodes of latent frames 0 and 3. Below 4 frames upstream crashes or mis-assigns, so the
+    fix-up is skipped there (dc_app models have 4 or 16 frames).
+    """
+    video = model.decode_first_stage(samples, references=references)
+    t = samples.shape[2]
+    if t < 4:
+        return video
+    kept = [i for i in range(t) if i not in (1, t - 2)]
+    middle = model.decode_first_stage(samples[:, :, kept], references=references)
+    video[:, :, t // 2 - 1 : t // 2 + 1] = middle[:, :, t // 2 - 2 : t // 2]
+    return video
 
 
 @torch.no_grad()
@@ -104,7 +133,7 @@ def run_synthesis(
     fs_tensor = torch.full((batch_size,), fs_value, dtype=torch.long, device=device)
 
     image = videos[:, :, 0]  # b 3 H W
-    c_concat = image_conditioning(model, videos, loop, interp, posterior_noise, generator)
+    c_concat, references = image_conditioning(model, videos, loop, interp, posterior_noise, generator)
     cond = {
         "c_crossattn": [torch.cat([model.get_learned_conditioning(list(prompts)), model.encode_image_tokens(image)], 1)],
         "c_concat": [c_concat],
@@ -142,7 +171,11 @@ def run_synthesis(
         nonfinite = nonfinite or inter.get("nonfinite")
         timesteps = [int(t) for t in ddim.ddim_timesteps]
         notices = list(ddim.notices)
-        variants.append(model.decode_first_stage(samples, chunk_size=decode_chunk_size))
+        if references is not None:
+            # A temporal decoder's chunk is fixed by the model: decode_chunk_size does not apply.
+            variants.append(decode_with_references(model, samples, references))
+        else:
+            variants.append(model.decode_first_stage(samples, chunk_size=decode_chunk_size))
     videos_out = torch.stack(variants, dim=1)  # b n 3 t H W
     return SynthesisResult(videos=videos_out, nonfinite=nonfinite, ddim_timesteps=timesteps, notices=notices)
 

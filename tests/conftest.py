@@ -47,8 +47,13 @@ def schedule_ref() -> dict:
 
 def read_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     """Rows (key, shape, kind) of keys/dynamicrafter_<name>.tsv, in state_dict order."""
+    return read_manifest_file(KEYS / f"dynamicrafter_{name}.tsv")
+
+
+def read_manifest_file(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """Rows (key, shape, kind) of a key manifest (header `key shape dtype kind`), in state_dict order."""
     rows = []
-    lines = (KEYS / f"dynamicrafter_{name}.tsv").read_text().splitlines()[1:]
+    lines = path.read_text().splitlines()[1:]
     for line in lines:
         key, shape, _dtype, kind = line.split("\t")
         dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))

@@ -158,13 +158,20 @@ class Level(nn.Module):
             self.add_module(resample_name, resample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resample(self.blocks(x))
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The level's ResnetBlocks (and AttnBlocks), without the resampler."""
         for i, block in enumerate(self.block):
             x = block(x)
             if len(self.attn) > 0:
                 x = self.attn[i](x)
-        if self.resample_name is not None:
-            x = getattr(self, self.resample_name)(x)
         return x
+
+    def resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample_name is None:
+            return x
+        return getattr(self, self.resample_name)(x)
 
 
 class Encoder(nn.Module):
@@ -197,11 +204,25 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        return self.forward_with_hidden_states(x)[0]
+
+    def forward_with_hidden_states(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder output and the features ToonCrafter's decoder takes as references.
+
+        Hidden states, as upstream's `Encoder.forward(return_hidden_states=True)` lists them: for each level i the
+        output of its last block before the downsample (ch*ch_mult[i] channels at H/2^i), then the `conv_in`
+        output (ch channels at full resolution) last.
+        """
+        stem = self.conv_in(x)
+        hidden = []
+        h = stem
         for level in self.down:
-            h = level(h)
+            h = level.blocks(h)
+            hidden.append(h)
+            h = level.resample(h)
+        hidden.append(stem)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))), hidden
 
 
 class Decoder(nn.Module):

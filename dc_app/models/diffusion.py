@@ -16,6 +16,7 @@ from torch import nn
 from ..betas import dynamic_rescale_table, model_betas
 from .autoencoder import AutoencoderKL
 from .clip import OpenCLIPImageEmbedder, OpenCLIPTextEmbedder
+from .dualref_decoder import DualRefAutoencoderKL
 from .resampler import Resampler
 from .unet import UNetModel
 
@@ -34,6 +35,20 @@ SCHEDULE_BUFFERS = (
     "posterior_mean_coef1",
     "posterior_mean_coef2",
 )
+
+# First-stage models by the class name ending `first_stage_config.target` (upstream's import path).
+FIRST_STAGE_CLASSES = {
+    "AutoencoderKL": AutoencoderKL,  # DynamiCrafter: the image VAE, frames decoded independently
+    "AutoencoderKL_Dualref": DualRefAutoencoderKL,  # ToonCrafter: temporal decoder fed with keyframe features
+}
+
+
+def first_stage_class(target: str | None):
+    """The VAE class a config's `first_stage_config.target` names (no target: the image VAE)."""
+    name = str(target or "AutoencoderKL").rsplit(".", 1)[-1]
+    if name not in FIRST_STAGE_CLASSES:
+        raise ValueError(f"first_stage_config.target={target!r}: expected one of {', '.join(FIRST_STAGE_CLASSES)}")
+    return FIRST_STAGE_CLASSES[name]
 
 
 def ddpm_buffers(betas: torch.Tensor, parameterization: str) -> dict[str, torch.Tensor]:
@@ -111,7 +126,8 @@ class DynamiCrafter(nn.Module):
         open_clip_cfgs = _plain(cfg.get("open_clip_model_cfgs", None)) or None
 
         self.model = DiffusionWrapper(UNetModel(**unet_params), str(p.conditioning_key))
-        self.first_stage_model = AutoencoderKL(**_plain(p.first_stage_config.params))
+        vae_class = first_stage_class(p.first_stage_config.get("target"))
+        self.first_stage_model = vae_class(**_plain(p.first_stage_config.params))
         self.cond_stage_model = OpenCLIPTextEmbedder(
             **_plain(p.cond_stage_config.get("params", {})), model_cfgs=open_clip_cfgs
         )
@@ -141,6 +157,13 @@ class DynamiCrafter(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute dtype of the UNet (schedule buffers stay float32 unless cast on purpose)."""
         return next(self.model.diffusion_model.parameters()).dtype
+
+    @property
+    def temporal_decoder(self) -> bool:
+        """True when the VAE decodes chunks of frames together (ToonCrafter): its chunk is always
+        `temporal_length` frames, so `perframe_ae` and a decode chunk size do not apply, and it wants the
+        keyframes' reference features (`encode_keyframes`)."""
+        return bool(getattr(self.first_stage_model, "temporal_decoder", False))
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -211,12 +234,37 @@ class DynamiCrafter(nn.Module):
         return posterior.sample(generator=generator).float()
 
     @torch.no_grad()
-    def decode_first_stage(self, z: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    def encode_keyframes(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None, generator=None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """For a temporal decoder: pixel video (b, 3, t, H, W) -> (scaled sampled latents (b, 4, t, h, w),
+        the decoder's 5 references, each `b c 2 h w` = encoder features of frame 0 and frame t-1).
+
+        Upstream's `get_latent_z_with_hidden_states`: every frame in ONE batched encode (perframe_ae is not
+        consulted on this path) and one posterior draw of shape ((b t), 4, h, w), or `noise` of that shape.
+        """
+        if not self.temporal_decoder:
+            raise ValueError("encode_keyframes: this model's VAE takes no reference features")
+        b, _, t, _, _ = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, *x.shape[1:2], *x.shape[3:]).to(self.vae_dtype)
+        with self._on_device("first_stage_model") as vae:
+            posterior, references = vae.encode_with_references(frames, batch=b)
+            z = posterior.sample(noise=noise, generator=generator).float() * self.scale_factor  # (b t) c h w
+        return z.reshape(b, t, *z.shape[1:]).permute(0, 2, 1, 3, 4), references
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, chunk_size: int | None = None,
+                           references: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Latents (b, 4, t, h, w) -> pixel video (b, 3, t, H, W), unclamped.
 
         `chunk_size` frames are decoded at once: 1 for `perframe_ae` models unless given, all otherwise.
         Per-frame and batched decode differ by float rounding only (<= 1e-5 on the tiny reference).
+        A temporal decoder ignores `chunk_size` and takes `references` (see `_decode_temporal`).
         """
+        if self.temporal_decoder:
+            return self._decode_temporal(z, references)
+        if references is not None:
+            raise ValueError("decode_first_stage: this model's VAE takes no reference features")
         b, _, t, _, _ = z.shape
         frames = z.permute(0, 2, 1, 3, 4).reshape(b * t, *z.shape[1:2], *z.shape[3:]) / self.scale_factor
         frames = frames.to(self.vae_dtype)
@@ -228,6 +276,27 @@ class DynamiCrafter(nn.Module):
             pixels = torch.cat([vae.decode(frames[s : s + chunk_size]).float() for s in range(0, len(frames), chunk_size)])
         # pixels: (b t) 3 H W
         return pixels.reshape(b, t, *pixels.shape[1:]).permute(0, 2, 1, 3, 4)  # b 3 t H W
+
+    def _decode_temporal(self, z: torch.Tensor, references: list[torch.Tensor] | None) -> torch.Tensor:
+        """ToonCrafter's decode: each video in consecutive chunks of `temporal_length` frames (the last may be
+        shorter), every chunk given the same references, which it injects at ITS first and last frame.
+
+        Upstream (`decode_core` with perframe_ae) chunks the flattened (b t) frames; it runs batch size 1 only,
+        where that is the same as chunking each video. The chunk is never smaller: GroupNorm statistics, the
+        Conv3d windows and the reference injection all span it, so a smaller chunk gives another video.
+        """
+        b, _, t, _, _ = z.shape
+        frames = z.permute(0, 2, 1, 3, 4) / self.scale_factor  # b t c h w
+        frames = frames.to(self.vae_dtype)
+        chunk = self.temporal_length
+        videos = []
+        with self._on_device("first_stage_model") as vae:
+            for i in range(b):
+                refs = None if references is None else [r[i : i + 1].to(self.vae_dtype) for r in references]
+                chunks = [frames[i, s : s + chunk] for s in range(0, t, chunk)]  # each (n c h w)
+                videos.append(torch.cat([vae.decode(c, num_frames=len(c), references=refs).float() for c in chunks]))
+        pixels = torch.stack(videos)  # b t 3 H W
+        return pixels.permute(0, 2, 1, 3, 4)  # b 3 t H W
 
     # ------------------------------------------------------------------------------------ memory options
     def enable_offload(self, vae: bool = False) -> "DynamiCrafter":
