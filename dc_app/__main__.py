@@ -34,7 +34,8 @@ def _sampling_options(p: argparse.ArgumentParser, with_prompt: bool) -> None:
     p.add_argument("--model", default="512", choices=MODEL_NAMES, help="checkpoint to use (default: 512)")
     add_cli_flags(p, skip=() if with_prompt else ("prompt",))  # batch: each item brings its own prompt
     p.add_argument("--compare", action="store_true",
-                   help="run stock and fixed on the same seed; the stock video goes to <out>.stock.mp4")
+                   help="run upstream's stock sampler beside --sampler (default fixed) on the same seed; the stock "
+                        "video goes to <out>.stock.mp4 (interpolation models: with --image2, or a loop)")
     p.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available; cuda:LOCAL_RANK under torchrun)")
     add_performance_options(p)  # the app's --dtype, --vae-dtype, --offload, ... (dc_app.options)
 
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="one image (or two, with 512_interp) -> one mp4 and its JSON")
     gen.add_argument("--image", required=True, type=Path, help="input image")
     gen.add_argument("--image2", type=Path,
-                     help="512_interp: the last frame (without it, 512_interp makes a loop back to --image)")
+                     help="interpolation models (512_interp, tooncrafter_512): the last frame (without it, a loop "
+                          "back to --image)")
     gen.add_argument("--out", required=True, type=Path, help="output mp4; the JSON goes next to it (.json)")
     _sampling_options(gen, with_prompt=True)
 
@@ -154,19 +156,16 @@ def _move_result(video: str, dest: Path) -> Path:
 def run_one(service, item: Item, out: Path, args, progress) -> tuple[list[Path], str]:
     """One item through the service -> (written mp4 paths, report). Raises the service's UserFacingError."""
     values = {**cli_values(args), "prompt": item.prompt}
-    if service.is_interp_model:
-        if args.compare:
-            raise SystemExit(f"--compare is for image-to-video models; {service.model_name} has no stock/fixed "
-                             f"compare yet")
-        result = service.interpolate(str(item.image), str(item.image2) if item.image2 else None, progress=progress,
-                                     **values)
+    images = [str(item.image)] + ([str(item.image2)] if item.image2 else [])
+    if service.is_interp_model and not args.compare:
+        result = service.interpolate(*images, progress=progress, **values)
         return [_move_result(result.video, out)], result.report()
-    if item.image2 is not None:
+    if item.image2 is not None and not service.is_interp_model:
         raise SystemExit(f"--image2 needs --model 512_interp or another interpolation model (the "
                          f"{service.model_name} model takes one image)")
     if args.compare:
-        values.pop("sampler", None)  # compare runs stock and fixed
-        result = service.compare(str(item.image), progress=progress, **values)
+        # Stock beside the chosen sampler; on interpolation models, between the two images (or a loop).
+        result = service.compare(*images, progress=progress, **values)
         written = [_move_result(result.video, out)]
         if result.stock.video is not None:
             written.append(_move_result(result.stock.video, out.with_suffix(".stock.mp4")))

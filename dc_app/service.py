@@ -162,15 +162,22 @@ class Service:
         return self._finish(self._run_job(settings, videos, [(settings.sampler, settings.timestep_spacing)],
                                           progress, cancel, interp=False, loop=False))
 
-    def compare(self, image, *, progress: Callable[[int, int, str], None] | None = None,
+    def compare(self, image, image2=None, *, progress: Callable[[int, int, str], None] | None = None,
                 cancel: threading.Event | None = None, **values) -> GenerationResult:
         """Stock and the chosen sampler (`sampler`, default fixed) on the same seed and noise; `result.stock` is
         the stock run (no video after a crash). On a grid stock cannot run (logsnr), stock runs the model's own
-        spacing, and the report says so."""
+        spacing, and the report says so. Interpolation models compare interpolations: from `image` to `image2`,
+        or a loop without it."""
         settings = self.settings_for(values, "compare")
-        videos = self._i2v_input(image)
+        if self.is_interp_model:
+            videos, loop = self._interp_input(image, image2)
+        elif image2 is not None:
+            raise InputError(f"image2: the {self.model_name} model takes one image; only interpolation models take "
+                             f"a second one")
+        else:
+            videos, loop = self._i2v_input(image), False
         return self._finish(self._run_job(settings, videos, self._compare_runs(settings), progress, cancel,
-                                          interp=False, loop=False))
+                                          interp=self.is_interp_model, loop=loop))
 
     def _compare_runs(self, settings: GenerationSettings) -> list[tuple[str, str]]:
         """(sampler, spacing) of a compare's two runs: stock first, then the sampler asked for."""
@@ -189,12 +196,7 @@ class Service:
                 f"interpolate: the {self.model_name} model cannot interpolate; start the app with --model 512_interp"
             )
         settings = self.settings_for(values, "interpolate")
-        first = prepare_image(image, *self.frame_size, field="image")
-        loop = image2 is None
-        last = first if loop else prepare_image(image2, *self.frame_size, field="image2")
-        half = (self.frames + 1) // 2
-        frames = [first] * half + [last] * (self.frames - half)
-        videos = torch.stack(frames, dim=1).unsqueeze(0)  # 1 3 t H W
+        videos, loop = self._interp_input(image, image2)
         return self._finish(self._run_job(settings, videos, [(settings.sampler, settings.timestep_spacing)],
                                           progress, cancel, interp=True, loop=loop))
 
@@ -214,6 +216,16 @@ class Service:
         pixels = prepare_image(image, *self.frame_size, field="image")
         # As upstream's loader: the image repeated over every frame (the pipeline conditions on frame 0).
         return pixels.unsqueeze(1).repeat(1, self.frames, 1, 1).unsqueeze(0)  # 1 3 t H W
+
+    def _interp_input(self, image, image2) -> tuple[torch.Tensor, bool]:
+        """(1 3 t H W frames, loop): the first image over the first half, the second over the rest; without a
+        second image, the first at both ends (a loop)."""
+        first = prepare_image(image, *self.frame_size, field="image")
+        loop = image2 is None
+        last = first if loop else prepare_image(image2, *self.frame_size, field="image2")
+        half = (self.frames + 1) // 2
+        frames = [first] * half + [last] * (self.frames - half)
+        return torch.stack(frames, dim=1).unsqueeze(0), loop
 
     def _acquire(self, cancel: threading.Event | None) -> None:
         # Wait for the device, but give up as soon as the person cancels while waiting.
@@ -354,6 +366,10 @@ class Service:
         """What the spacing did to the step count, what the fixed sampler repaired, and which spacing stock ran
         when it cannot run the one asked for, in words."""
         notes = []
+        if getattr(self.model, "temporal_decoder", False) and (settings.perframe_ae or self.decode_chunk_size):
+            # ToonCrafter's decoder mixes frames (GroupNorm statistics and references span the chunk).
+            notes.append(f"VAE: this model's decoder is temporal and always decodes {self.frames} frames at once; "
+                         f"per-frame decode and --decode-chunk-size do not apply to it")
         stock = next((o for o in outcomes if o.sampler == "stock"), None)
         if stock is not None and stock.spacing != settings.timestep_spacing:
             notes.append(f"stock: runs upstream's spacings only; it ran {stock.spacing} (the model's default), "

@@ -14,7 +14,6 @@ from .ui_handlers import (
     api_functions,
     model_banner,
     random_seed,
-    ui_interpolate,
     ui_model_status,
     ui_run,
     ui_schedule,
@@ -52,6 +51,14 @@ _EXAMPLES = [
     ("astronaut.jpg", dict(prompt="an astronaut waving at the camera"), False),
     ("chelsea.jpg", dict(prompt="a cat turning its head"), False),
 ]
+# Keyframe pairs for the interpolation tab (drawn for dc_app, CC0: assets/LICENSES.md). The first row breaks
+# upstream's sampler as the rocket does on the image-to-video tab.
+_INTERP_EXAMPLES = [
+    (("ball_up.png", "ball_down.png"), dict(prompt="a cartoon ball bouncing", steps=7, eta=1.0,
+                                            timestep_spacing="uniform_trailing"), True),
+    (("cat_sitting.png", "cat_standing.png"), dict(prompt="a cartoon cat standing up"), False),
+    (("sun_low.png", "sun_high.png"), dict(prompt="the sun rising over hills"), False),
+]
 EXAMPLE_SEED = 123
 
 
@@ -87,15 +94,16 @@ def _banner(service: Service) -> str:
     return ""
 
 
-def _examples(service: Service) -> list[list]:
-    """Example rows in the Generate event's input order: image, every /generate setting, compare."""
+def _examples(service: Service, interp: bool) -> list[list]:
+    """Example rows in the tab's input order: the image(s), every setting of the tab's endpoint, compare."""
+    endpoint = "interpolate" if interp else "generate"
     rows = []
-    for name, chosen, compare in _EXAMPLES:
-        path = ASSETS_DIR / name
-        if path.is_file():
-            values = {f.name: f.default_for(service.defaults) for f in fields_of("generate")}
+    for names, chosen, compare in (_INTERP_EXAMPLES if interp else _EXAMPLES):
+        paths = [ASSETS_DIR / name for name in ((names,) if isinstance(names, str) else names)]
+        if all(p.is_file() for p in paths):
+            values = {f.name: f.default_for(service.defaults) for f in fields_of(endpoint)}
             values.update(chosen, seed=EXAMPLE_SEED)
-            rows.append([str(path)] + [values[f.name] for f in fields_of("generate")] + [compare])
+            rows.append([str(p) for p in paths] + [values[f.name] for f in fields_of(endpoint)] + [compare])
     return rows
 
 
@@ -150,8 +158,74 @@ def _follow_schedule(service: Service, c: dict, plot, plot_note) -> None:
           show_progress="hidden")
 
 
+def _tab(service: Service, rule, interp: bool) -> gr.Blocks:
+    """One tab: its image input(s), the settings, compare, Generate/Cancel, the two video panes, the report, the
+    seed, the settings file and the schedule plot. The interpolation tab's element ids start with "interp-"."""
+    prefix, endpoint = ("interp-", "interpolate") if interp else ("", "generate")
+    with gr.Row():
+        with gr.Column():
+            if interp:
+                gr.Markdown("Two images: a video from the first to the second. Leave the second empty for a loop "
+                            "that returns to the first.")
+                with gr.Row():
+                    images = [gr.Image(label="First frame", type="filepath", image_mode=None,
+                                       elem_id="interp-image"),
+                              gr.Image(label="Last frame (empty: loop)", type="filepath", image_mode=None,
+                                       elem_id="interp-image2")]
+            else:
+                images = [gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], image_mode=None,
+                                   elem_id="image")]
+            s = _settings(service, endpoint, prefix=prefix)
+            compare = gr.Checkbox(label="Compare: upstream's stock sampler beside the chosen one, same noise",
+                                  elem_id=f"{prefix}compare")
+            with gr.Row():
+                run_btn = gr.Button("Interpolate" if interp else "Generate", variant="primary",
+                                    elem_id="interpolate" if interp else "generate")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}cancel")
+        with gr.Column():
+            with gr.Row():
+                with gr.Column(visible=False, min_width=160) as stock_column:
+                    stock_video = gr.Video(label="stock sampler", autoplay=True, loop=True, buttons=["download"],
+                                           interactive=False, elem_id=f"{prefix}stock-video")
+                    stock_note = gr.Markdown(elem_id=f"{prefix}stock-note")
+                with gr.Column(min_width=160):
+                    video = gr.Video(label="result", autoplay=True, loop=True, buttons=["download"],
+                                     interactive=False, elem_id=f"{prefix}video")
+                    video_note = gr.Markdown(elem_id=f"{prefix}video-note")
+            report = gr.Textbox(label="Report", lines=4, interactive=False, elem_id=f"{prefix}report")
+            with gr.Row():
+                # A textbox, not a Number: a Number shows 0 before any run, which reads like a seed.
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id=f"{prefix}seed-used")
+                settings_file = gr.File(label="Settings (JSON)", interactive=False, elem_id=f"{prefix}settings")
+            plot = gr.LinePlot(x="step", y="value", color="curve", height=300, elem_id=f"{prefix}schedule-plot",
+                               color_map=PLOT_COLOURS, caption=PLOT_CAPTION,
+                               label="DDIM schedule: sigma and the square-root argument per step",
+                               x_title="step (1 = noisiest)", y_title="value")
+            plot_note = gr.Markdown(elem_id=f"{prefix}schedule-note")
+    inputs = images + [s[f.name] for f in fields_of(endpoint)] + [compare]
+    examples = _examples(service, interp)
+    if examples:
+        gr.Examples(examples, inputs=inputs, label="Examples (compare on: settings that break the stock sampler)")
+
+    run_event = run_btn.click(
+        ui_run(service, rule, interp=interp), inputs=inputs,
+        outputs=[stock_column, stock_video, stock_note, video, video_note, report, seed_used, settings_file],
+        concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
+        show_progress_on=[stock_video, video],  # the bar belongs on the videos, not on the small boxes
+    )
+    # Cancelling the event makes the running handler tell the sampler to stop (dc_app.ui_handlers).
+    cancel_btn.click(lambda: "cancelled", outputs=report, cancels=[run_event], queue=False, api_visibility="private")
+    s["random_seed"].click(random_seed, outputs=s["seed"], queue=False, api_visibility="private")
+    compare.change(lambda on: gr.update(visible=on), inputs=compare, outputs=stock_column, queue=False,
+                   api_visibility="private")
+    _follow_schedule(service, s, plot, plot_note)
+    return s, plot, plot_note
+
+
 def build_demo(service: Service) -> gr.Blocks:
-    """The page for `service`'s model, with the named API endpoints /generate, /compare (and /interpolate)."""
+    """The page for `service`'s model, with the named API endpoints /generate, /compare (and /interpolate).
+
+    Interpolation models (512_interp, ToonCrafter) open on their interpolation tab."""
     h, w = service.frame_size
     rule = upload_rule(service)
     with AppBlocks(title="DynamiCrafter image to video", delete_cache=DELETE_CACHE) as demo:
@@ -162,97 +236,22 @@ def build_demo(service: Service) -> gr.Blocks:
         status_timer = gr.Timer(STATUS_REFRESH_S, active=service.model_status[0] == "loading")
         gr.Markdown(
             f"# DynamiCrafter: image to video\nModel **{service.model_name}**: {service.frames} frames of "
-            f"{w}x{h} at {service.fps} fps. The fixed DDIM sampler never gives NaN; switch **Compare** on to "
+            f"{w}x{h} at {service.fps} fps. Every sampler but stock never gives NaN; switch **Compare** on to "
             f"see upstream's (stock) sampler on the same noise."
         )
-        with gr.Tab("Image to video"):
-            with gr.Row():
-                with gr.Column():
-                    image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
-                                     image_mode=None, elem_id="image")
-                    s = _settings(service, "generate")
-                    compare = gr.Checkbox(label="Compare: upstream's stock sampler beside the chosen one, same noise",
-                                          elem_id="compare")
-                    with gr.Row():
-                        run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                with gr.Column():
-                    with gr.Row():
-                        with gr.Column(visible=False, min_width=160) as stock_column:
-                            stock_video = gr.Video(label="stock sampler", autoplay=True, loop=True,
-                                                   buttons=["download"], interactive=False, elem_id="stock-video")
-                            stock_note = gr.Markdown(elem_id="stock-note")
-                        with gr.Column(min_width=160):
-                            video = gr.Video(label="result", autoplay=True, loop=True, buttons=["download"],
-                                             interactive=False, elem_id="video")
-                            video_note = gr.Markdown(elem_id="video-note")
-                    report = gr.Textbox(label="Report", lines=4, interactive=False, elem_id="report")
-                    with gr.Row():
-                        # A textbox, not a Number: a Number shows 0 before any run, which reads like a seed.
-                        seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
-                        settings_file = gr.File(label="Settings (JSON)", interactive=False, elem_id="settings")
-                    plot = gr.LinePlot(x="step", y="value", color="curve", height=300, elem_id="schedule-plot",
-                                       color_map=PLOT_COLOURS, caption=PLOT_CAPTION,
-                                       label="DDIM schedule: sigma and the square-root argument per step",
-                                       x_title="step (1 = noisiest)", y_title="value")
-                    plot_note = gr.Markdown(elem_id="schedule-note")
-            inputs = [image] + [s[f.name] for f in fields_of("generate")] + [compare]
-            examples = _examples(service)
-            if examples:
-                gr.Examples(examples, inputs=inputs,
-                            label="Examples (compare on: settings that break the stock sampler)")
-
-        run_event = run_btn.click(
-            ui_run(service, rule), inputs=inputs,
-            outputs=[stock_column, stock_video, stock_note, video, video_note, report, seed_used, settings_file],
-            concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
-            show_progress_on=[stock_video, video],  # the bar belongs on the videos, not on the small boxes
-        )
-        # Cancelling the event makes the running handler tell the sampler to stop (dc_app.ui_handlers).
-        cancel_btn.click(lambda: "cancelled", outputs=report, cancels=[run_event], queue=False,
-                         api_visibility="private")
-        s["random_seed"].click(random_seed, outputs=s["seed"], queue=False, api_visibility="private")
-        compare.change(lambda on: gr.update(visible=on), inputs=compare, outputs=stock_column, queue=False,
-                       api_visibility="private")
-        # While the model loads: the banner says what happens, every STATUS_REFRESH_S; the plot follows when ready.
+        tabs = [(True, "Interpolation / loop")] if service.is_interp_model else []
+        tabs.append((False, "Image to video"))
+        drawn = {}
+        for interp, title in tabs:
+            with gr.Tab(title):
+                drawn[interp] = _tab(service, rule, interp)
+        # While the model loads: the banner says what happens, every STATUS_REFRESH_S; the first tab's plot
+        # follows once it is ready.
+        s, plot, plot_note = drawn[tabs[0][0]]
         gr.on([demo.load, status_timer.tick], ui_model_status(service),
               inputs=[s["steps"], s["eta"], s["timestep_spacing"], s["sampler"]],
               outputs=[model_status, status_timer, plot, plot_note], queue=False, api_visibility="private",
               show_progress="hidden")
-        _follow_schedule(service, s, plot, plot_note)
-
-        if service.is_interp_model:
-            with gr.Tab("Interpolation / loop"):
-                gr.Markdown("Two images: a video from the first to the second. Leave the second empty for a loop "
-                            "that returns to the first.")
-                with gr.Row():
-                    with gr.Column():
-                        with gr.Row():
-                            first = gr.Image(label="First frame", type="filepath", image_mode=None,
-                                             elem_id="interp-image")
-                            second = gr.Image(label="Last frame (empty: loop)", type="filepath", image_mode=None,
-                                              elem_id="interp-image2")
-                        si = _settings(service, "interpolate", prefix="interp-")
-                        with gr.Row():
-                            interp_btn = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
-                            interp_cancel = gr.Button("Cancel", variant="stop")
-                    with gr.Column():
-                        interp_video = gr.Video(label="result", autoplay=True, loop=True, buttons=["download"],
-                                                interactive=False)
-                        interp_report = gr.Textbox(label="Report", lines=3, interactive=False)
-                        with gr.Row():
-                            interp_seed = gr.Textbox(label="Seed used", interactive=False)
-                            interp_file = gr.File(label="Settings (JSON)", interactive=False)
-                interp_event = interp_btn.click(
-                    ui_interpolate(service, rule),
-                    inputs=[first, second] + [si[f.name] for f in fields_of("interpolate")],
-                    outputs=[interp_video, interp_report, interp_seed, interp_file],
-                    concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
-                    show_progress_on=[interp_video],
-                )
-                interp_cancel.click(lambda: "cancelled", outputs=interp_report, cancels=[interp_event],
-                                    queue=False, api_visibility="private")
-                si["random_seed"].click(random_seed, outputs=si["seed"], queue=False, api_visibility="private")
 
         for name, fn in api_functions(service, rule).items():
             gr.api(fn, api_name=name, concurrency_id=CONCURRENCY_ID)

@@ -156,7 +156,9 @@ def api_functions(service: Service, rule: UploadRule | None = None) -> dict[str,
 def _api_endpoint(service: Service, rule: UploadRule, endpoint: str) -> Callable:
     runs = 2 if endpoint == "compare" else 1
     gpu_call = on_device(service, endpoint, runs=runs)
-    images = [_IMAGE, _IMAGE2] if endpoint == "interpolate" else [_IMAGE]
+    # Interpolation models compare interpolations: /compare takes image2 too.
+    images = [_IMAGE, _IMAGE2] if endpoint == "interpolate" or (
+        endpoint == "compare" and service.is_interp_model) else [_IMAGE]
     params = images + _setting_params(service, endpoint)
     names = [p.name for p in params]
     returns, answer = _RETURNS[endpoint]
@@ -181,56 +183,40 @@ _PROGRESS = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWOR
 _COMPARE = inspect.Parameter("compare", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False, annotation=bool)
 
 
-def ui_run(service: Service, rule: UploadRule | None = None) -> Callable:
-    """Generate button: one sampler, or stock and fixed side by side when `compare` is on. Inputs: the image,
-    the settings of /generate in the table's order, then the compare switch."""
-    rule = rule or upload_rule(service)
-    gen_gpu = on_device(service, "generate")
-    cmp_gpu = on_device(service, "compare", runs=2)
-    settings = [f.name for f in fields_of("generate")]
-    compare_settings = {f.name for f in fields_of("compare")}
+def ui_run(service: Service, rule: UploadRule | None = None, interp: bool = False) -> Callable:
+    """A tab's Generate (or Interpolate) button: one sampler, or stock beside it when `compare` is on.
 
-    async def run(image, *args):
+    Inputs: the image (and, on the interpolation tab, image2), the settings in the table's order, then the
+    compare switch. Outputs: stock column visibility, stock video and its line, the video and its line, the
+    report, the seed used and the settings file.
+    """
+    rule = rule or upload_rule(service)
+    endpoint = "interpolate" if interp else "generate"
+    one_gpu = on_device(service, endpoint)
+    cmp_gpu = on_device(service, "compare", runs=2)
+    settings = [f.name for f in fields_of(endpoint)]
+    images = [_IMAGE, _IMAGE2] if interp else [_IMAGE]
+
+    async def run(*args):
         *values, compare, progress = args
-        values = dict(zip(settings, values))
+        files = {p.name: _payload_path(rule, v, p.name) for p, v in zip(images, values)}
+        values = dict(zip(settings, values[len(images):]))
         try:
             # The browser sends a bool; an API caller of this private event could send anything.
             compare = flag("compare", compare)
         except InputError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        image = _payload_path(rule, image, "image")
-        if compare:
-            values = {k: v for k, v in values.items() if k in compare_settings}
-            result = await run_cancellable(cmp_gpu, image=image, progress=_progress_adapter(progress), **values)
-            stock = result.stock
-            # Each video gets its own line of the report (time included) right under it.
-            return (gr.update(visible=True), _path(stock.video), stock.line(),
-                    gr.update(value=_path(result.video), label=f"{result.main.sampler} sampler"), result.main.line(),
-                    result.report(), result.seed, _path(result.sidecar))
-        result = await run_cancellable(gen_gpu, image=image, progress=_progress_adapter(progress), **values)
-        return (gr.update(visible=False), None, "", gr.update(value=_path(result.video),
-                                                              label=f"{result.main.sampler} sampler"),
-                result.main.line(), result.report(), result.seed, _path(result.sidecar))
+        result = await run_cancellable(cmp_gpu if compare else one_gpu, **files,
+                                       progress=_progress_adapter(progress), **values)
+        main = result.main
+        stock = (gr.update(visible=True), _path(result.stock.video), result.stock.line()) if compare else \
+            (gr.update(visible=False), None, "")
+        # Each video gets its own line of the report (time included) right under it.
+        return (*stock, gr.update(value=_path(main.video), label=f"{main.sampler} sampler"), main.line(),
+                result.report(), result.seed, _path(result.sidecar))
 
-    params = [_IMAGE] + _setting_params(service, "generate") + [_COMPARE, _PROGRESS]
+    params = images + _setting_params(service, endpoint) + [_COMPARE, _PROGRESS]
     return _with_signature(run, params, tuple, "run", ui_run.__doc__)
-
-
-def ui_interpolate(service: Service, rule: UploadRule | None = None) -> Callable:
-    """Interpolate button: inputs are both images, then the settings of /interpolate in the table's order."""
-    rule = rule or upload_rule(service)
-    int_gpu = on_device(service, "interpolate")
-    settings = [f.name for f in fields_of("interpolate")]
-
-    async def run(image, image2, *args):
-        *values, progress = args
-        result = await run_cancellable(
-            int_gpu, image=_payload_path(rule, image, "image"), image2=_payload_path(rule, image2, "image2"),
-            progress=_progress_adapter(progress), **dict(zip(settings, values)))
-        return _path(result.video), result.report(), result.seed, _path(result.sidecar)
-
-    params = [_IMAGE, _IMAGE2] + _setting_params(service, "interpolate") + [_PROGRESS]
-    return _with_signature(run, params, tuple, "run", ui_interpolate.__doc__)
 
 
 def _path(path: Path | None) -> str | None:

@@ -38,6 +38,7 @@ MODEL_REPOS = {
     "Doubiiu/DynamiCrafter_512",
     "Doubiiu/DynamiCrafter_1024",
     "Doubiiu/DynamiCrafter_512_Interp",
+    "Doubiiu/ToonCrafter",
 }
 HUB_FILE_LIMIT = 10 * 1024 * 1024  # the Hub refuses larger files pushed without LFS
 

@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 
+from dc_app.config import load_model_config
+
 from dc_app.sampling import DDIMSampler, FixedDDIMSampler, get_fixed_ddim_sampler
 from samplerhelpers import SHAPE, ModelAttrs, StandIn, conds, run
 
@@ -369,7 +371,7 @@ def test_get_fixed_ddim_sampler_uses_the_models_default_spacing():
     assert len(sampler.ddim_timesteps) == 50 and sampler.schedule.eta == 1.0
     plain = get_fixed_ddim_sampler(StandIn("eps", False), 50, 0.0)
     assert plain.ddim_timesteps.tolist()[:2] == [1, 21]  # "uniform"
-    model.default_timestep_spacing = "uniform"
+    model.config = load_model_config("256")  # the default spacing comes from the model's spec: "uniform"
     assert get_fixed_ddim_sampler(model, 36, 1.0).ddim_timesteps.tolist()[-2:] == [973, 999]  # 1000 repaired
     # sample() remakes the schedule for its own arguments
     run(sampler, 7, 0.0, "uniform")

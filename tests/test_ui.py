@@ -40,6 +40,8 @@ def test_endpoints_per_model(tmp_path, name):
         method = getattr(Service, endpoint[1:])
         images = [p.name for p in inspect.signature(method).parameters.values()
                   if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+        if endpoint == "/compare" and not svc.is_interp_model:
+            images.remove("image2")  # only interpolation models compare between two images
         names = images + [f.name for f in fields_of(endpoint[1:])]
         assert [p["parameter_name"] for p in spec["parameters"]] == names
         defaults = {p["parameter_name"]: p["parameter_default"] for p in spec["parameters"]}
@@ -161,3 +163,10 @@ def test_without_spaces_the_service_is_called_directly(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", None)  # import fails
     svc = service_for("tiny", tmp_path)
     assert on_device(svc, "generate") == svc.generate
+
+
+def test_interpolation_models_open_on_their_interpolation_tab(tmp_path):
+    tabs = [b.label for b in build_demo(service_for("512_interp", tmp_path)).blocks.values() if isinstance(b, gr.Tab)]
+    assert tabs == ["Interpolation / loop", "Image to video"]
+    tabs = [b.label for b in build_demo(service_for("tiny", tmp_path)).blocks.values() if isinstance(b, gr.Tab)]
+    assert tabs == ["Image to video"]
