@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from dc_app.config import MODEL_NAMES
+from dc_app.loading.spec import MODEL_NAMES
 from dc_app.options import add_performance_options, check_performance_options, describe, model_options, \
     service_options
 from dc_app.storage import default_root
@@ -66,9 +66,9 @@ def create_app(args: argparse.Namespace):
     logging.getLogger("dc_app").setLevel(logging.INFO)  # one line per cancelled run, full tracebacks of failures
 
     from dc_app import load_for_serving
-    from dc_app.config import load_model_config, model_spec
+    from dc_app.loading.spec import load_model_config, model_spec
     from dc_app.faults import fault_from_env
-    from dc_app.model_loader import ModelLoader
+    from dc_app.loading.background import ModelLoader
     from dc_app.service import Service
     from dc_app.ui import build_demo
 

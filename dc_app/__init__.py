@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import load_model_config
+from .loading.spec import load_model_config
 
 __all__ = ["load_model_config", "build_model", "load_pretrained", "load_for_serving", "__version__"]
 

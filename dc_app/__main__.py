@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .config import MODEL_NAMES
+from .loading.spec import MODEL_NAMES
 from .options import add_performance_options, model_options, service_options
 from .settings import add_cli_flags, cli_values
 
@@ -109,7 +109,7 @@ def shard(items: Sequence[Item], env=os.environ) -> list[Item]:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def default_device(env=os.environ) -> str | None:
+def torchrun_device(env=os.environ) -> str | None:
     """cuda:LOCAL_RANK under torchrun with GPUs, else None (load_for_serving picks cuda or cpu)."""
     if "LOCAL_RANK" in env:
         import torch
@@ -179,7 +179,7 @@ def open_service(args, work_dir: Path):
     from .loading import load_for_serving
     from .service import Service
 
-    model = load_for_serving(args.model, device=args.device or default_device(), **model_options(args))
+    model = load_for_serving(args.model, device=args.device or torchrun_device(), **model_options(args))
     return Service(model, output_dir=work_dir, **service_options(args))
 
 

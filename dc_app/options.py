@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 OFFLOAD_MODES = ("none", "encoders", "all")
 CFG_MODES = ("batched", "two-call")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -63,12 +63,12 @@ class Option:
 
 
 PERFORMANCE_OPTIONS = (
-    Option("--dtype", "DC_APP_DTYPE", one_of(DTYPES), None,
+    Option("--dtype", "DC_APP_DTYPE", one_of(DTYPE_NAMES), None,
            "precision of the UNet, CLIP and Resampler (default: fp32; bf16 needs Ampere or newer on GPU)",
-           metavar="{" + ",".join(DTYPES) + "}"),
-    Option("--vae-dtype", "DC_APP_VAE_DTYPE", one_of(DTYPES), "fp32",
+           metavar="{" + ",".join(DTYPE_NAMES) + "}"),
+    Option("--vae-dtype", "DC_APP_VAE_DTYPE", one_of(DTYPE_NAMES), "fp32",
            "precision of the VAE (default: fp32; fp16 VAE decode is a known cause of black videos)",
-           metavar="{" + ",".join(DTYPES) + "}"),
+           metavar="{" + ",".join(DTYPE_NAMES) + "}"),
     Option("--offload", "DC_APP_OFFLOAD", one_of(OFFLOAD_MODES), "none",
            "keep parts in CPU RAM, on the GPU only while they run: encoders (text and image encoders) or all "
            "(the VAE too); saves GPU memory, costs a copy per request (default: none)",

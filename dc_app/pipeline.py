@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import spec_if_any
+from .loading.spec import spec_if_any
 from .sampling import SAMPLER_NAMES, make_sampler
 
 SAMPLERS = SAMPLER_NAMES  # the name other modules import; the registry in dc_app.sampling is the source

@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .config import spec_if_any
+from .loading.spec import spec_if_any
 from .guidance import GuidedModel, rescale_noise_cfg
 from .multistep import MULTISTEP_SOLVERS, MultistepSampler
 from .sampler_args import check_variance_noise, drop_unsupported_kwargs, latent_size

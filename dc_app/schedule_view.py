@@ -10,7 +10,7 @@ import math
 
 import pandas as pd
 
-from .config import UPSTREAM_SPACINGS
+from .loading.spec import UPSTREAM_SPACINGS
 from .schedule import DDPMTables, fixed_ddim_schedule, stock_ddim_schedule
 from .stock_failure import StockSamplerFailure
 

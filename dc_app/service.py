@@ -18,11 +18,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .config import UPSTREAM_SPACINGS, ModelSpec, model_spec
+from .loading.spec import UPSTREAM_SPACINGS, ModelSpec, model_spec
 from .faults import FaultPlan
 from .images import prepare_image
 from .loading import dtype_name, offload_mode
-from .model_loader import ModelLoader
+from .loading.background import ModelLoader
 from .options import CFG_MODES
 from .pipeline import run_synthesis
 from .result import CRASHED, FINITE, NAN, GenerationResult, SamplerOutcome
@@ -78,7 +78,7 @@ class Service:
     def __init__(self, model, output_dir: Path | str | None = None, fault: FaultPlan | None = None,
                  store: OutputStore | None = None, fps: int | None = None, decode_chunk_size: int | None = None,
                  cfg_mode: str = "batched"):
-        """`model`: a loaded model, or a dc_app.model_loader.ModelLoader still loading one (the service's facts
+        """`model`: a loaded model, or a dc_app.loading.background.ModelLoader still loading one (the service's facts
         come from the model's spec; requests get a plain "still loading" message until it is ready).
 
         `decode_chunk_size` and `cfg_mode` are the server's settings for every request (app and CLI options

@@ -15,7 +15,7 @@ import argparse
 from dataclasses import dataclass, field, fields as dataclass_fields
 from typing import Any, Callable, Mapping
 
-from .config import ModelDefaults
+from .loading.spec import ModelDefaults
 from .sampling import SAMPLER_NAMES, TIMESTEP_SPACINGS
 from .validation import (
     InputError,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .betas import linear_betas, model_betas
-from .config import UPSTREAM_SPACINGS
+from .loading.spec import UPSTREAM_SPACINGS
 
 TIMESTEP_SPACINGS = UPSTREAM_SPACINGS + ("logsnr",)
 

@@ -12,8 +12,8 @@ import torch
 
 from conftest import TINY
 from dc_app import load_pretrained
-from dc_app.checkpoints import CheckpointError, local_checkpoint_path, read_checkpoint
-from dc_app.config import load_model_config, model_spec
+from dc_app.loading.checkpoints import CheckpointError, local_checkpoint_path, read_checkpoint
+from dc_app.loading.spec import load_model_config, model_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_REPO = "Doubiiu/DynamiCrafter_tinyfake"

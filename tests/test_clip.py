@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ATOL, ATOL_LARGE_IMAGE, RTOL, read_manifest, strip_prefix
-from dc_app.config import load_model_config
+from dc_app.loading.spec import load_model_config
 from dc_app.models.clip import (
     CLIP_MEAN,
     CLIP_STD,

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from dc_app.config import MODEL_NAMES, load_model_config
+from dc_app.loading.spec import MODEL_NAMES, load_model_config
 from dc_app.images import MAX_PIXELS, MAX_SIDE, cover_crop, prepare_image
 
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import ATOL, RTOL, read_manifest
 from dc_app import build_model, load_model_config
-from dc_app.checkpoints import RENAMED_KEYS
+from dc_app.loading.checkpoints import RENAMED_KEYS
 from dc_app.models.diffusion import SCHEDULE_BUFFERS, ddpm_buffers
 from dc_app.schedule import dynamic_rescale_table, model_betas
 

@@ -11,10 +11,10 @@ import pytest
 from gradio_client import Client, handle_file
 
 from apphelpers import READY_LINE, REPO, call_raw, start_app, stop_app, upload
-from dc_app.checkpoints import CheckpointError, download_progress
+from dc_app.loading.checkpoints import CheckpointError, download_progress
 from dc_app.faults import parse_fault
 from dc_app.loading import load_pretrained
-from dc_app.model_loader import ModelLoader, ModelNotReady
+from dc_app.loading.background import ModelLoader, ModelNotReady
 from dc_app.service import Service
 from dc_app.ui_handlers import ui_model_status
 

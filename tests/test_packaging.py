@@ -201,7 +201,7 @@ def test_front_matter_names_app_sdk_and_models():
         assert meta.get(key), f"front matter lacks {key}"
     assert len(meta["short_description"]) <= 60, "the Hub cuts short_description at 60 characters"
     # The Space build preloads the checkpoint of the model app.py starts by default.
-    from dc_app.config import load_model_config, model_spec
+    from dc_app.loading.spec import load_model_config, model_spec
 
     default_repo = model_spec(load_model_config("512")).hub_repo
     assert f"{default_repo} model.ckpt" in meta["preload_from_hub"]
@@ -209,7 +209,7 @@ def test_front_matter_names_app_sdk_and_models():
 
 
 def test_front_matter_models_are_the_configs_hub_repos():
-    from dc_app.config import MODEL_NAMES, load_model_config, model_spec
+    from dc_app.loading.spec import MODEL_NAMES, load_model_config, model_spec
 
     repos = {model_spec(load_model_config(n)).hub_repo for n in MODEL_NAMES} - {None}
     assert repos == set(front_matter()["models"])
@@ -369,9 +369,9 @@ def test_readme_states_the_queue_limit_and_the_zerogpu_limits():
 
 
 def test_readme_model_table_matches_the_configs():
-    from dc_app.config import load_model_config, model_spec
+    from dc_app.loading.spec import load_model_config, model_spec
 
-    from dc_app.config import MODEL_NAMES
+    from dc_app.loading.spec import MODEL_NAMES
 
     rows = [line for line in readme_section("Models").splitlines() if line.startswith("| `")]
     assert len(rows) == len(MODEL_NAMES)
@@ -503,7 +503,7 @@ def test_dockerignore_keeps_tests_data_and_weights_out():
     for path in ("tests/data/tiny/weights.safetensors", "benchmarks/README.md", ".git/config",
                  "checkpoints/dynamicrafter_512_v1/model.ckpt", "dc_app/__pycache__/x.pyc"):
         assert dockerignored(path, patterns), path
-    for path in ("app.py", "dc_app/config.py", "dc_app/configs/512.yaml", "checkpoints/README.md", "requirements.txt"):
+    for path in ("app.py", "dc_app/loading/spec.py", "dc_app/configs/512.yaml", "checkpoints/README.md", "requirements.txt"):
         assert not dockerignored(path, patterns), path
 
 

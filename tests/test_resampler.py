@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import ATOL, RTOL, read_manifest
-from dc_app.config import load_model_config
+from dc_app.loading.spec import load_model_config
 from dc_app.models.attention_kernel import attention_backend
 from dc_app.models.resampler import Resampler
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from dc_app.config import load_model_config
+from dc_app.loading.spec import load_model_config
 
 from dc_app.sampling import DDIMSampler, FixedDDIMSampler, get_fixed_ddim_sampler
 from samplerhelpers import SHAPE, ModelAttrs, StandIn, conds, run

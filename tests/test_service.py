@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dc_app import service as service_mod
-from dc_app.config import CONFIG_DIR, load_model_config, model_spec
+from dc_app.loading.spec import CONFIG_DIR, load_model_config, model_spec
 from dc_app.faults import parse_fault
 from dc_app.pipeline import SynthesisResult
 from dc_app.schedule import ddim_timesteps, repair_timesteps

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dc_app.betas import linear_betas, model_betas
-from dc_app.config import UPSTREAM_SPACINGS, load_model_config, model_defaults
+from dc_app.loading.spec import UPSTREAM_SPACINGS, load_model_config, model_defaults
 from dc_app.step_grids import TIMESTEP_SPACINGS, ddim_timesteps, grid_timesteps, log_snr, logsnr_timesteps
 
 torch.set_num_threads(1)

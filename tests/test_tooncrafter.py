@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import ATOL, ATOL_SAMPLER, DATA, RTOL, read_manifest, read_manifest_file
 from dc_app import build_model, load_model_config, load_pretrained
-from dc_app.config import model_spec
+from dc_app.loading.spec import model_spec
 from dc_app.models.attention_kernel import attention_backend
 from dc_app.models.dualref_decoder import Combiner, DualRefAutoencoderKL
 from dc_app.pipeline import decode_with_references, image_guided_synthesis, image_guided_synthesis_fixed, run_synthesis

@@ -18,7 +18,7 @@ from typing import Any, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny", "tiny_interp", "tooncrafter_512",
                "tooncrafter_tiny")
 # Upstream's DDIM spacings: what the stock sampler and a yaml's `defaults:` accept. dc_app's samplers accept

@@ -8,10 +8,10 @@ import torch
 from omegaconf import DictConfig
 
 from .checkpoints import check_keys, read_checkpoint, resolve_checkpoint
-from .config import load_model_config, model_spec
-from .options import OFFLOAD_MODES
+from .spec import load_model_config, model_spec
+from ..options import OFFLOAD_MODES
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+TORCH_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -20,7 +20,7 @@ def parse_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype or torch.float32
     try:
-        return DTYPES[str(dtype).lower()]
+        return TORCH_DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16") from None
 
@@ -43,7 +43,7 @@ def build_model(cfg: Union[DictConfig, str, Path], device: Union[str, torch.devi
 
     `device="meta"` allocates nothing (for inspecting shapes, or for loading with assign=True).
     """
-    from .models.diffusion import DynamiCrafter
+    from ..models.diffusion import DynamiCrafter
 
     cfg = _as_config(cfg)
     with torch.device(device or "cpu"):
@@ -69,7 +69,7 @@ def load_pretrained(
     dtype = parse_dtype(dtype)
     spec = None if checkpoint is not None else model_spec(cfg)
     if spec is not None and spec.random_weights:
-        from .models.random_init import randomize_parameters
+        from ..models.random_init import randomize_parameters
 
         model = randomize_parameters(build_model(cfg, device="cpu"), seed=spec.random_seed)
     else:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoints import CheckpointError, download_progress, local_checkpoint_path
-from .config import load_model_config, model_spec
-from .faults import InjectedFault
-from .validation import UserFacingError
+from .spec import load_model_config, model_spec
+from ..faults import InjectedFault
+from ..validation import UserFacingError
 
-log = logging.getLogger("dc_app.loading")
+log = logging.getLogger(__name__)
 
 
 class ModelNotReady(UserFacingError):

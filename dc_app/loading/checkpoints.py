@@ -20,9 +20,9 @@ from typing import Mapping
 
 import torch
 
-from .config import ModelSpec
+from .spec import ModelSpec
 
-PROJECT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+PROJECT_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 # DeepSpeed checkpoints wrap every key in this prefix (upstream strips its 16 characters).
 DEEPSPEED_PREFIX = "_forward_module."
