@@ -25,7 +25,7 @@ class SynthesisResult:
     nonfinite: dict | None = None        # first non-finite value: {"step", "index", "timestep", "stage"}
     ddim_timesteps: list[int] = field(default_factory=list)  # the timesteps the sampler actually ran
     # frames, window, stride, windows, window_batch, reschedule_noise, unet_calls: what the sidecar records
-    long_video: dict | None = None
+    long_video: dict = field(default_factory=dict)
 
 
 def make_sampler(model, sampler: str):
@@ -124,11 +124,12 @@ def run_synthesis(
     RNG order without injection matches upstream: posterior noise, then per sample x_T and one draw per step.
     `cfg_img` is accepted for upstream compatibility and unused, as in upstream without multiple_cond_cfg.
 
-    Long videos: `frames` N (default `noise_shape[2]`; both given must agree) from T to 8T. Above T the
-    sampler sees a `WindowedModel`: windows of T frames every `window_stride` frames (default T/4),
-    `window_batch` windows per UNet call; x_T is FreeNoise-rescheduled unless `reschedule_noise` is False
-    (an injected `x_T` is used as given); the VAE decodes at most T frames at a time unless
-    `decode_chunk_size` says otherwise. N = T runs exactly the plain path.
+    Long videos: `frames` N (default `noise_shape[2]`; both given must agree) from T to 8T. The sampler
+    sees a `WindowedModel`: windows of T frames every `window_stride` frames (default T/4), `window_batch`
+    windows per UNet call (one window, N = T, is a straight call to the model). Above T, x_T is
+    FreeNoise-rescheduled unless `reschedule_noise` is False (an injected `x_T` is used as given) and the
+    VAE decodes at most T frames at a time unless `decode_chunk_size` says otherwise. N = T runs exactly the
+    plain path; `long_video` in the result records the window settings either way.
     `on_unet_call(done, total)` runs after every UNet call (total: the planned number, or None when the
     sampler cannot tell); what it raises stops the run, like `callback`.
     """
@@ -171,12 +172,10 @@ def run_synthesis(
         uc_image = model.encode_image_tokens(torch.zeros_like(image))
         uncond = {"c_crossattn": [torch.cat([uc_text, uc_image], 1)], "c_concat": [c_concat]}
 
-    # The sampler sees windows only when there is more than one (or when UNet calls are counted); with one
-    # window the wrapper calls straight through, so N = T is the plain path either way.
-    windowed = None
-    if frames > window or on_unet_call is not None:
-        windowed = WindowedModel(model, frames, window_stride, window_batch)
-    ddim = make_sampler(windowed or model, sampler)
+    # The sampler always sees the windowed model: with one window (N = T) it calls the model straight
+    # through, so the plain path is unchanged, and UNet calls are counted either way.
+    windowed = WindowedModel(model, frames, window_stride, window_batch)
+    ddim = make_sampler(windowed, sampler)
     if on_unet_call is not None:
         total = planned_unet_calls(ddim, ddim_steps, timestep_spacing, ddim_eta, windowed.calls_per_evaluation,
                                    uncond is not None and not batched_cfg, n_samples)
@@ -209,12 +208,10 @@ def run_synthesis(
         timesteps = [int(t) for t in ddim.ddim_timesteps]
         variants.append(model.decode_first_stage(samples, chunk_size=decode_chunk_size))
     videos_out = torch.stack(variants, dim=1)  # b n 3 t H W
-    long_video = None
-    if windowed is not None:
-        layout = windowed.layout
-        long_video = {"frames": frames, "window": layout.window, "stride": layout.stride, "windows": layout.count,
-                      "window_batch": windowed.window_batch, "reschedule_noise": bool(reschedule_noise),
-                      "unet_calls": windowed.unet_calls}
+    layout = windowed.layout
+    long_video = {"frames": frames, "window": layout.window, "stride": layout.stride, "windows": layout.count,
+                  "window_batch": windowed.window_batch, "reschedule_noise": bool(reschedule_noise),
+                  "unet_calls": windowed.unet_calls}
     return SynthesisResult(videos=videos_out, nonfinite=nonfinite, ddim_timesteps=timesteps, long_video=long_video)
 
 

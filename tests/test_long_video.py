@@ -259,6 +259,10 @@ def test_bad_frame_counts_are_refused(tiny, tiny_interp):
         run(tiny, frames=33)
     with pytest.raises(ValueError, match="interpolation model makes exactly"):
         run_synthesis(tiny_interp, "fixed", ["x"], image_video(), [1, 4, 8, 8, 8], interp=True, ddim_steps=2)
+    with pytest.raises(ValueError, match="stride"):
+        run(tiny, window_stride=0)
+    with pytest.raises(ValueError, match="window_batch"):
+        run(tiny, window_batch=0)
     with pytest.raises(ValueError, match="give one length"):
         run_synthesis(tiny, "fixed", ["x"], image_video(), [1, 4, 8, 8, 8], frames=6, ddim_steps=2)
 
