@@ -284,8 +284,8 @@ def test_join_segments_keeps_one_copy_of_each_keyframe():
     assert joined == [0, 1, 2, 3, 11, 12, 13, 21, 22, 23]
     looped = join_segments(segments, closing=True).flatten().tolist()
     assert looped == [0, 1, 2, 3, 11, 12, 13, 21, 22]
-    assert len(joined) == storyboard_frame_count(3, T, loop=False) + 3  # 3 segments = 4 keyframes
-    assert len(looped) == storyboard_frame_count(3, T, loop=True)
+    assert len(joined) == storyboard_frame_count(4, T, loop=False)  # 3 segments between 4 keyframes
+    assert len(looped) == storyboard_frame_count(3, T, loop=True)   # 3 keyframes and the closing segment
 
 
 @pytest.mark.parametrize("count", [3, 4])
