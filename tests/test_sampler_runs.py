@@ -14,6 +14,7 @@ from dc_app.models.random_init import randomize_parameters
 from dc_app.pipeline import run_synthesis
 from dc_app.sampling import SAMPLER_NAMES
 from dc_app.service import Service
+from conftest import video_api
 from test_pipeline import _eps_tiny_config
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "chelsea.jpg"
@@ -47,7 +48,7 @@ def test_every_new_sampler_runs_the_pipeline(kind, spacing, tiny_models):
 @pytest.mark.parametrize("name", NEW_SAMPLERS)
 def test_service_writes_a_playable_mp4_for_every_sampler(name, tiny_models, tmp_path):
     svc = Service(tiny_models["v"], output_dir=tmp_path)
-    mp4, report, seed = svc.generate(str(ASSET), prompt="a cat", steps=3, eta=0.0, seed=3, sampler=name)
+    mp4, report, seed = video_api(svc.generate(str(ASSET), prompt="a cat", steps=3, eta=0.0, seed=3, sampler=name))
     frames = iio.imread(mp4, index=None, plugin="FFMPEG")
     assert frames.shape == (4, 64, 64, 3) and frames.std() > 1.0
     meta = json.loads(Path(Service.sidecar_of(mp4)).read_text())

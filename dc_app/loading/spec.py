@@ -146,3 +146,9 @@ def spec_if_any(cfg: DictConfig) -> ModelSpec | None:
     if cfg.get("weights") is None or cfg.get("defaults") is None:
         return None
     return model_spec(cfg)
+
+
+def model_interpolates(model) -> bool:
+    """Whether a built model is an interpolation model, as its spec says (False for a bare upstream config)."""
+    spec = spec_if_any(model.config)
+    return bool(spec is not None and spec.interp)
