@@ -110,7 +110,8 @@ def planned_unet_calls(sampler, ddim_steps: int, timestep_spacing: str, ddim_eta
     make_schedule = getattr(sampler, "make_schedule", None)
     if make_schedule is None:
         return None
-    make_schedule(ddim_num_steps=ddim_steps, ddim_discretize=timestep_spacing, ddim_eta=ddim_eta, verbose=False)
+    # Positional: the DDIM samplers and the multistep ones name these arguments differently.
+    make_schedule(ddim_steps, timestep_spacing, ddim_eta, verbose=False)
     steps = len(sampler.ddim_timesteps)
     return n_samples * steps * calls_per_evaluation * (2 if two_call_cfg else 1)
 

@@ -32,6 +32,7 @@ from .stock_failure import StockSamplerFailure
 from .storage import OutputStore
 from .validation import InputError, UserFacingError, whole_number
 from .video import write_mp4, write_sidecar
+from .windows import window_count
 
 log = logging.getLogger("dc_app.service")
 
@@ -147,6 +148,9 @@ class Service:
         extra = sorted(k for k in values if k in FIELDS_BY_NAME and k not in allowed)
         if extra:
             raise InputError(f"{extra[0]}: not a setting of {endpoint}")
+        if self.is_interp_model and values.get("frames") not in (None, self.frames):
+            raise InputError(f"frames: interpolation models make exactly their {self.frames} frames; longer videos "
+                             f"come from image-to-video models")
         text_encoder = getattr(self.model, "cond_stage_model", None)
         return GenerationSettings.from_request(
             self.defaults, values, num_tokens=getattr(text_encoder, "num_tokens", None),
@@ -285,7 +289,7 @@ class Service:
                  progress, cancel, label: str, interp: bool, loop: bool, written: list[Path]) -> SamplerOutcome:
         model = self.model
         h, w = model.image_size
-        noise_shape = [1, model.channels, self.frames, h, w]
+        noise_shape = [1, model.channels, settings.frames, h, w]
         # A fresh generator per run: stock and fixed draw the same posterior noise, x_T and step noise.
         generator = torch.Generator(device=model.device).manual_seed(seed)
         started = time.perf_counter()
@@ -300,6 +304,13 @@ class Service:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled at step {i + 1} of {n_steps}")
 
+        def on_unet_call(done, total):
+            # Longer videos run several windows per step: progress counts UNet calls, and cancel acts within one.
+            if progress is not None and total:
+                progress(done, total, f"{label}, UNet call")
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled at step {step_now[0] + 1}, UNet call {done} of {total}")
+
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled before it started")
         self._stage = f"sampling with the {sampler} sampler"
@@ -313,6 +324,8 @@ class Service:
                     timestep_spacing=spacing, guidance_rescale=settings.guidance_rescale,
                     interp=interp, loop=loop, generator=generator, callback=on_step,
                     decode_chunk_size=decode_chunk, batched_cfg=self.cfg_mode == "batched",
+                    **({"frames": settings.frames, "on_unet_call": on_unet_call}
+                       if settings.frames != self.frames else {}),
                 )
         except (torch.OutOfMemoryError, MemoryError):
             raise OutOfMemory(
@@ -339,7 +352,8 @@ class Service:
         outcome = self._outcome(sampler, spacing, result, video, time.perf_counter() - started, peak.bytes, mp4,
                                 sidecar)
         written.append(sidecar)
-        write_sidecar(sidecar, self._sidecar(settings, seed, outcome, decode_chunk, interp, loop))
+        write_sidecar(sidecar, self._sidecar(settings, seed, outcome, decode_chunk, interp, loop,
+                                             getattr(result, "long_video", None)))
         return outcome
 
     @staticmethod
@@ -370,6 +384,10 @@ class Service:
             # ToonCrafter's decoder mixes frames (GroupNorm statistics and references span the chunk).
             notes.append(f"VAE: this model's decoder is temporal and always decodes {self.frames} frames at once; "
                          f"per-frame decode and --decode-chunk-size do not apply to it")
+        if settings.frames != self.frames:
+            windows = window_count(settings.frames, self.frames)
+            notes.append(f"frames: {settings.frames} from {windows} overlapping windows of {self.frames} frames; "
+                         f"about {windows}x the UNet time of a {self.frames}-frame video")
         stock = next((o for o in outcomes if o.sampler == "stock"), None)
         if stock is not None and stock.spacing != settings.timestep_spacing:
             notes.append(f"stock: runs upstream's spacings only; it ran {stock.spacing} (the model's default), "
@@ -390,7 +408,7 @@ class Service:
         return tuple(notes)
 
     def _sidecar(self, settings: GenerationSettings, seed: int, outcome: SamplerOutcome, decode_chunk: int,
-                 interp: bool, loop: bool) -> dict:
+                 interp: bool, loop: bool, long_video: dict | None = None) -> dict:
         record = {
             "model": self.model_name,
             **settings.as_dict(),
@@ -399,7 +417,8 @@ class Service:
             "seed": seed,
             "interp": interp,
             "loop": loop,
-            "frames": self.frames,
+            # frames (in the settings) past the trained T: the windows, stride, noise rescheduling, UNet calls
+            "long_video": {k: v for k, v in (long_video or {}).items() if k != "frames"},
             "size": list(self.frame_size),
             "fps": self.fps,
             "device": str(self.model.device),

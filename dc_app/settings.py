@@ -114,6 +114,9 @@ FIELDS: tuple[Field, ...] = (
     Field("fs", "int", "fs", "frame stride (256) or fps conditioning (the others), in the model's range",
           model_default="fs", model_bounds="fs_range", ui_step=1),
     Field("seed", "seed", "Seed (-1: random)", "0..2^32-1, or -1 for a random seed", default=SEED_RANDOM),
+    Field("frames", "int", "Frames", "video length: the model's trained T frames up to 8T (overlapping windows)",
+          model_default="frames", model_bounds="frames_range", ui_step=1,
+          endpoints=frozenset({"generate", "compare"})),  # interpolation keeps its T frames
     Field("guidance_rescale", "float", "Guidance rescale", "phi of arXiv:2305.08891, 0-1",
           model_default="guidance_rescale", bounds=(0.0, 1.0), ui_step=0.05, advanced=True),
     Field("timestep_spacing", "choice", "Timestep spacing", "which timesteps the sampler visits",
@@ -144,6 +147,7 @@ class GenerationSettings:
     cfg_scale: float
     fs: int
     seed: int
+    frames: int
     guidance_rescale: float
     timestep_spacing: str
     sampler: str

@@ -12,6 +12,7 @@ from .storage import MIN_KEEP_S
 from .uploads import ASSETS_DIR, NOT_AN_UPLOAD
 from .ui_handlers import (
     api_functions,
+    frames_cost,
     model_banner,
     random_seed,
     ui_model_status,
@@ -122,6 +123,8 @@ def _control(f: Field, service: Service, prefix: str) -> gr.components.Component
     if f.kind == "flag":
         return gr.Checkbox(value=default, label=f.label, elem_id=elem_id)
     lo, hi = f.bounds_for(d)
+    if lo == hi:  # one value only (frames on an interpolation model): nothing to choose, nothing to show
+        return gr.Number(value=lo, visible=False, elem_id=elem_id)
     hi = min(hi, f.ui_max) if f.ui_max is not None else hi
     label = f"{f.label} ({FS_LABELS[d.fs_meaning]})" if f.name == "fs" else f.label
     return gr.Slider(lo, hi, value=min(default, hi), step=f.ui_step, label=label, elem_id=elem_id)
@@ -139,6 +142,11 @@ def _settings(service: Service, endpoint: str, prefix: str = "") -> dict:
             for f in pair:
                 c[f.name] = _control(f, service, prefix)
     c["random_seed"] = gr.Button("Random seed", size="sm", elem_id=f"{prefix}random-seed")
+    if "frames" in c and c["frames"].visible:
+        # What the chosen length costs, beside the slider (one window per T frames at stride T/4).
+        c["frames_cost"] = gr.Markdown(frames_cost(service)(c["frames"].value), elem_id=f"{prefix}frames-cost")
+        c["frames"].change(frames_cost(service), inputs=c["frames"], outputs=c["frames_cost"], queue=False,
+                           api_visibility="private", show_progress="hidden")
     with gr.Accordion("Advanced", open=False):
         for f in fields_of(endpoint):
             if f.advanced:

@@ -24,9 +24,10 @@ from gradio import utils as gradio_utils
 
 from .schedule_view import schedule_view
 from .service import Service
-from .settings import fields_of
+from .settings import FIELDS_BY_NAME, fields_of
 from .uploads import UploadRule
 from .validation import SEED_MAX, InputError, UserFacingError, flag
+from .windows import window_count
 
 log = logging.getLogger("dc_app.ui")
 
@@ -246,6 +247,25 @@ def ui_schedule(service: Service) -> Callable:
         return table, note
 
     return plot
+
+
+def frames_cost(service: Service) -> Callable:
+    """The line beside the frames slider: how many windows N frames take, and what that costs."""
+    T = service.frames
+
+    def cost(frames) -> str:
+        try:
+            # The field's own check: it needs no loaded model (the page draws this line while it loads).
+            n = FIELDS_BY_NAME["frames"].check(frames, service.defaults)
+        except InputError as err:
+            return str(err)
+        if n == T:
+            return f"{T} frames: the length the model was trained on, one UNet pass per step."
+        windows = window_count(n, T)
+        return (f"{n} frames: {windows} overlapping windows of {T}, about {windows}x the UNet time of a "
+                f"{T}-frame video.")
+
+    return cost
 
 
 def model_banner(state: str, status: str) -> str:

@@ -24,6 +24,8 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 from PIL import Image
 
+from dc_app.settings import fields_of
+
 from apphelpers import REPO, call_raw, call_ui_event, start_app, stop_app, upload
 
 pytestmark = pytest.mark.slow
@@ -105,10 +107,10 @@ def decode(video) -> np.ndarray:
     return iio.imread(path)
 
 
-def assert_model_video(video):
-    frames = decode(video)
-    assert frames.shape == (FRAMES, SIZE, SIZE, 3)
-    return frames
+def assert_model_video(video, frames: int = FRAMES):
+    decoded = decode(video)
+    assert decoded.shape == (frames, SIZE, SIZE, 3)
+    return decoded
 
 
 # ---------------------------------------------------------------------------------------------- the API
@@ -116,7 +118,6 @@ def assert_model_video(video):
 
 def test_named_endpoints_use_the_service_argument_names(client):
     from dc_app.service import Service
-    from dc_app.settings import fields_of
 
     api = client.view_api(return_format="dict", print_info=False)
     assert set(api["named_endpoints"]) == {"/generate", "/compare"}  # /interpolate: 512_interp only
@@ -222,9 +223,8 @@ def _server_file(app, images, case) -> dict:
     return payload
 
 
-# The page's Generate event: the named API's /generate inputs, then the compare switch.
-UI_INPUTS = ["image", "prompt", "steps", "eta", "cfg_scale", "fs", "seed", "guidance_rescale", "timestep_spacing",
-             "sampler", "perframe_ae", "compare"]
+# The page's Generate event: the image, the settings of /generate in the table's order, then the compare switch.
+UI_INPUTS = ["image"] + [f.name for f in fields_of("generate")] + ["compare"]
 
 
 def _ui_defaults(app) -> dict:
@@ -303,7 +303,7 @@ def test_bad_input_corpus(app, client, images, case, transport):
     assert outcome == "ok", f"{case['id']}: rejected: {value}"
     video, report, _seed = value
     assert_reveals_nothing(app, images, report)
-    assert_model_video(video)
+    assert_model_video(video, case["args"].get("frames", FRAMES))
     assert case["message"] in report, report
     notices = [line for line in report.splitlines() if line.startswith("prompt:")]
     assert bool(notices) == (case["expect"] == "notice"), report

@@ -154,3 +154,25 @@ def test_example_rows_and_typing_move_the_schedule_plot(app, browser):
     steps.press("Enter")
     _note_starts_with(page, EXAMPLE_NOTES[0][2])
     page.close()
+
+
+def test_a_long_video_in_the_browser(app, browser):
+    # tiny: T = 4, so 12 frames is 9 overlapping windows; the line beside the slider says so before the run.
+    page = _open(browser, app)
+    page.locator("#image input[type=file]").set_input_files(str(REPO / "assets" / "coffee.jpg"))
+    page.locator("#image img").first.wait_for(timeout=30_000)
+    frames = page.locator("#frames input[type=number]")
+    frames.fill("12")
+    frames.press("Enter")
+    page.wait_for_function("() => document.querySelector('#frames-cost').innerText.startsWith('12 frames: 9 overlapping')",
+                           timeout=30_000)
+    steps = page.locator("#steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#generate").click()
+    page.wait_for_function("() => { const v = document.querySelector('#video video'); return v && v.readyState >= 2; }",
+                           timeout=180_000)
+    duration = page.evaluate("() => document.querySelector('#video video').duration")
+    assert abs(duration - 12 / 8) < 0.2  # 12 frames at the model's 8 fps
+    assert "frames: 12 from 9 overlapping windows" in page.locator("#report textarea").input_value()
+    page.close()

@@ -690,3 +690,31 @@ def test_tiny_deterministic_samplers_say_they_ignore_eta(tiny_service, image):
     assert json.loads(open(result.sidecar).read())["notices"] == notices
     quiet = tiny_service.generate(image, steps=2, seed=5, eta=0.0, sampler="dpmpp_2m", timestep_spacing="logsnr")
     assert not [line for line in quiet.report().splitlines() if line.startswith("eta=")]
+
+
+# ----------------------------------------------------------------------------------- long videos (issue 12)
+
+
+@pytest.mark.parametrize("sampler", ["fixed", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_tiny_longer_video_through_the_service(tiny_service, image, sampler):
+    # T = 4: 10 frames is not a multiple of the stride (1), 7 windows; every sampler stays finite.
+    progress_labels = set()
+    result = tiny_service.generate(image, steps=2, seed=6, frames=10, sampler=sampler,
+                                   progress=lambda step, total, label: progress_labels.add(label))
+    assert result.main.finite and iio.imread(result.video).shape == (10, 64, 64, 3)
+    assert "frames: 10 from 7 overlapping windows of 4 frames; about 7x the UNet time of a 4-frame video" in \
+        result.report().splitlines()
+    record = json.loads(open(result.sidecar).read())
+    assert record["frames"] == 10 and record["long_video"]["windows"] == 7 and record["long_video"]["stride"] == 1
+    assert any("UNet call" in label for label in progress_labels)  # progress counts UNet calls
+
+
+def test_frames_are_checked_against_the_model(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)  # tiny: T = 4, so 4..32
+    for bad in (3, 33):
+        with pytest.raises(InputError, match=rf"^frames: expected a whole number from 4 to 32, got {bad}$"):
+            svc.generate(image, frames=bad)
+    interp = Service(stub_model("tiny_interp"), output_dir=tmp_path)
+    with pytest.raises(InputError, match="^frames: interpolation models make exactly their 4 frames"):
+        interp.compare(image, frames=8)
+    assert fake.calls == []  # refused before any work

@@ -18,6 +18,8 @@ from typing import Any, Union
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..windows import MAX_LENGTH_FACTOR
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MODEL_NAMES = ("256", "512", "1024", "512_interp", "tiny", "tiny_interp", "tooncrafter_512",
                "tooncrafter_tiny")
@@ -44,6 +46,9 @@ class ModelDefaults:
     video_fps: int              # playback rate of the written mp4 (upstream demo: 8)
     interp: bool                # the model interpolates between a first and a last frame
     seconds_per_step: float     # rough seconds per step (two UNet passes) on one H100: ZeroGPU's time estimate
+    # Not read from the yaml: model_spec derives them from the architecture (the UNet's temporal_length).
+    frames: int = 16                        # the default frame count: the one the model was trained on, T
+    frames_range: tuple[int, int] = (16, 16)  # T..8T for image-to-video (windowed), exactly T to interpolate
 
     def with_values(self, **values: Any) -> "ModelDefaults":
         return replace(self, **values)
@@ -108,7 +113,7 @@ def _block(cfg: DictConfig, key: str) -> dict:
 def model_defaults(cfg: DictConfig) -> ModelDefaults:
     """The config's `defaults:` block, checked: every key present, spacing and fs meaning known."""
     values = _block(cfg, "defaults")
-    names = [f.name for f in fields(ModelDefaults)]
+    names = [f.name for f in fields(ModelDefaults) if f.name not in _DERIVED]
     missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
     if missing or unknown:
         raise ValueError(f"model {cfg.get('name', '?')}: defaults block: missing {missing}, unknown {unknown}")
@@ -123,11 +128,18 @@ def model_defaults(cfg: DictConfig) -> ModelDefaults:
     return ModelDefaults(**values)
 
 
+_DERIVED = ("frames", "frames_range")  # ModelDefaults fields that come from the architecture, not the yaml
+
+
 def model_spec(cfg: DictConfig) -> ModelSpec:
     """The spec of a loaded config: its `weights:` and `defaults:` blocks and the sizes the model has."""
     weights = _block(cfg, "weights")
     p = cfg.model.params
     seed = weights.get("random_seed")
+    frames = int(p.unet_config.params.get("temporal_length", 16))
+    defaults = model_defaults(cfg)
+    longest = frames if defaults.interp else MAX_LENGTH_FACTOR * frames  # windowed beyond T
+    defaults = defaults.with_values(frames=frames, frames_range=(frames, longest))
     return ModelSpec(
         name=str(cfg.get("name", "custom")),
         hub_repo=weights.get("hub_repo"),
@@ -135,8 +147,8 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
         local_checkpoint=weights.get("local_checkpoint"),
         random_seed=None if seed is None else int(seed),
         latent_size=tuple(int(s) for s in p.image_size),
-        frames=int(p.unet_config.params.get("temporal_length", 16)),
-        defaults=model_defaults(cfg),
+        frames=frames,
+        defaults=defaults,
     )
 
 
