@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="one image (or two, with 512_interp) -> one mp4 and its JSON")
-    gen.add_argument("--image", required=True, type=Path, help="input image")
+    first = gen.add_mutually_exclusive_group(required=True)
+    first.add_argument("--image", type=Path, help="input image")
+    first.add_argument("--keyframes", type=Path, nargs="+", metavar="IMAGE",
+                       help="interpolation models: a storyboard through 2 or more keyframes, in this order")
+    gen.add_argument("--prompts", nargs="+", metavar="PROMPT",
+                     help="with --keyframes: one prompt per segment (else --prompt for all)")
+    gen.add_argument("--loop", action="store_true", help="with --keyframes: close the storyboard back to the first")
     gen.add_argument("--image2", type=Path,
                      help="interpolation models (512_interp, tooncrafter_512): the last frame (without it, a loop "
                           "back to --image)")
@@ -156,6 +162,10 @@ def _move_result(video: str, dest: Path) -> Path:
 def run_one(service, item: Item, out: Path, args, progress) -> tuple[list[Path], str]:
     """One item through the service -> (written mp4 paths, report). Raises the service's UserFacingError."""
     values = {**cli_values(args), "prompt": item.prompt}
+    if getattr(args, "keyframes", None):
+        result = service.storyboard([str(k) for k in args.keyframes], args.prompts, args.loop, progress=progress,
+                                    **values)
+        return [_move_result(result.video, out)], result.report()
     images = [str(item.image)] + ([str(item.image2)] if item.image2 else [])
     if service.is_interp_model and not args.compare:
         result = service.interpolate(*images, progress=progress, **values)
@@ -190,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         if args.out.suffix.lower() != ".mp4":
             raise SystemExit(f"--out {args.out}: expected a file name ending in .mp4")
-        items, out_dir = [Item(args.out.stem, args.image, args.prompt or "", args.image2)], args.out.parent
+        image = args.image or args.keyframes[0]  # a storyboard's item: its keyframes come from args
+        items, out_dir = [Item(args.out.stem, image, args.prompt or "", args.image2)], args.out.parent
         targets = {args.out.stem: args.out}
     else:
         items, out_dir = shard(read_items(args.input)), args.out_dir

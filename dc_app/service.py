@@ -12,6 +12,7 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,17 +21,18 @@ import torch
 
 from .loading.spec import UPSTREAM_SPACINGS, ModelSpec, model_spec
 from .faults import FaultPlan
-from .images import prepare_image
+from .images import open_image, prepare_image
 from .loading import dtype_name, offload_mode
 from .loading.background import ModelLoader
 from .options import CFG_MODES
-from .pipeline import run_synthesis
+from .pipeline import SynthesisResult, run_synthesis
 from .result import CRASHED, FINITE, NAN, GenerationResult, SamplerOutcome
 from .schedule import ddim_timesteps
 from .settings import FIELDS_BY_NAME, SEED_RANDOM, GenerationSettings, fields_of
 from .stock_failure import StockSamplerFailure
 from .storage import OutputStore
-from .validation import InputError, UserFacingError, whole_number
+from .storyboard import MAX_KEYFRAMES, run_storyboard
+from .validation import InputError, UserFacingError, clean_prompt, flag, whole_number
 from .video import write_mp4, write_sidecar
 from .windows import window_count
 
@@ -49,6 +51,26 @@ class OutOfMemory(UserFacingError):
 
 class RunFailed(UserFacingError):
     """The run could not produce a video (a stock-sampler crash, or an internal error)."""
+
+
+@dataclass(frozen=True)
+class Storyboard:
+    """A checked storyboard request: the keyframes at the model's size, a prompt per segment, loop or not."""
+
+    keyframes: tuple[torch.Tensor, ...]
+    prompts: tuple[str, ...]
+    loop: bool
+
+    def run(self, model, sampler: str, generator, **settings) -> SynthesisResult:
+        """The storyboard through the interpolation model, as one SynthesisResult (the joined video)."""
+        board = run_storyboard(model, sampler, list(self.keyframes), list(self.prompts), self.loop,
+                               generator=generator, **settings)
+        first_bad = next((s.nonfinite for s in board.segments if s.nonfinite is not None), None)
+        layout = {"keyframes": len(self.keyframes), "loop": self.loop, "segments": len(board.segments),
+                  "keyframe_order": board.keyframe_order}
+        return SynthesisResult(videos=board.video[None, None], nonfinite=first_bad,
+                               ddim_timesteps=board.segments[-1].ddim_timesteps,
+                               notices=list(board.segments[-1].notices), long_video=layout)
 
 
 class PeakMemory:
@@ -204,6 +226,41 @@ class Service:
         return self._finish(self._run_job(settings, videos, [(settings.sampler, settings.timestep_spacing)],
                                           progress, cancel, interp=True, loop=loop))
 
+    def storyboard(self, keyframes, prompts=None, loop=False, *,
+                   progress: Callable[[int, int, str], None] | None = None, cancel: threading.Event | None = None,
+                   **values) -> GenerationResult:
+        """Interpolation models: 2 to MAX_KEYFRAMES keyframes -> one video through every consecutive pair, each
+        shared keyframe once; `loop` closes it back to the first. `prompts`: one per segment (K - 1, or K with
+        `loop`), else the `prompt` setting for all of them."""
+        if not self.is_interp_model:
+            raise InputError(f"storyboard: the {self.model_name} model cannot interpolate; start the app with an "
+                             f"interpolation model (--model 512_interp or tooncrafter_512)")
+        settings = self.settings_for(values, "storyboard")
+        loop = flag("loop", loop)
+        if not isinstance(keyframes, (list, tuple)) or not 2 <= len(keyframes) <= MAX_KEYFRAMES:
+            got = f"{len(keyframes)} images" if isinstance(keyframes, (list, tuple)) else "no list"
+            raise InputError(f"keyframes: expected a list of 2 to {MAX_KEYFRAMES} images, got {got}")
+        segments = len(keyframes) - (0 if loop else 1)
+        if prompts is None:
+            texts = [settings.prompt] * segments
+        elif not isinstance(prompts, (list, tuple)) or len(prompts) not in (1, segments):
+            raise InputError(f"prompts: expected one prompt, or one per segment ({segments} for {len(keyframes)} "
+                             f"keyframes{' with loop' if loop else ''})")
+        else:
+            texts = [clean_prompt(p)[0] for p in prompts] * (segments if len(prompts) == 1 else 1)
+        frames, notices, first_size = [], list(settings.notices), None
+        for k, image in enumerate(keyframes):
+            picture = open_image(image, f"keyframes[{k}]")
+            first_size = first_size or picture.size
+            if picture.size != first_size:
+                notices.append(f"keyframes: keyframe {k + 1} is {picture.size[0]}x{picture.size[1]}, the first "
+                               f"{first_size[0]}x{first_size[1]}; each was cropped to the model's frame")
+            frames.append(prepare_image(picture, *self.frame_size, field=f"keyframes[{k}]"))
+        settings = replace(settings, notices=tuple(notices))
+        board = Storyboard(tuple(frames), tuple(texts), loop)
+        return self._finish(self._run_job(settings, None, [(settings.sampler, settings.timestep_spacing)], progress,
+                                          cancel, interp=True, loop=loop, board=board))
+
     @staticmethod
     def _finish(result: GenerationResult) -> GenerationResult:
         if result.video is None:  # the request's own sampler crashed (stock, asked for alone)
@@ -241,8 +298,8 @@ class Service:
         """Frames the VAE decodes at once: 1 with per-frame decode, else the server's chunk (or all frames)."""
         return 1 if settings.perframe_ae else min(self.decode_chunk_size or self.frames, self.frames)
 
-    def _run_job(self, settings: GenerationSettings, videos: torch.Tensor, runs: list[tuple[str, str]], progress,
-                 cancel, interp: bool, loop: bool) -> GenerationResult:
+    def _run_job(self, settings: GenerationSettings, videos: torch.Tensor | None, runs: list[tuple[str, str]],
+                 progress, cancel, interp: bool, loop: bool, board: Storyboard | None = None) -> GenerationResult:
         """Run each (sampler, spacing) of `runs` on the same seed; whatever fails, nothing written is left."""
         seed = settings.seed if settings.seed != SEED_RANDOM else secrets.randbelow(2**32)
         self._acquire(cancel)
@@ -255,7 +312,7 @@ class Service:
             for k, (name, spacing) in enumerate(runs):
                 label = f"{name} sampler" + (f" ({k + 1} of {len(runs)})" if len(runs) > 1 else "")
                 outcomes.append(self._run_one(settings, videos, name, spacing, seed, progress, cancel, label, interp,
-                                              loop, written))
+                                              loop, written, board))
             return GenerationResult(settings=settings, seed=seed, model_name=self.model_name,
                                     outcomes=tuple(outcomes), schedule_notes=self._schedule_notes(settings, outcomes))
         except Exception as err:
@@ -285,8 +342,9 @@ class Service:
         self._free_memory()
         raise failure
 
-    def _run_one(self, settings: GenerationSettings, videos: torch.Tensor, sampler: str, spacing: str, seed: int,
-                 progress, cancel, label: str, interp: bool, loop: bool, written: list[Path]) -> SamplerOutcome:
+    def _run_one(self, settings: GenerationSettings, videos: torch.Tensor | None, sampler: str, spacing: str,
+                 seed: int, progress, cancel, label: str, interp: bool, loop: bool, written: list[Path],
+                 board: Storyboard | None = None) -> SamplerOutcome:
         model = self.model
         h, w = model.image_size
         noise_shape = [1, model.channels, settings.frames, h, w]
@@ -316,17 +374,20 @@ class Service:
         self._stage = f"sampling with the {sampler} sampler"
         peak = PeakMemory(model.device)
         decode_chunk = self._decode_chunk(settings)
+        common = dict(ddim_steps=settings.steps, ddim_eta=settings.eta, unconditional_guidance_scale=settings.cfg_scale,
+                      fs=settings.fs, timestep_spacing=spacing, guidance_rescale=settings.guidance_rescale,
+                      callback=on_step, decode_chunk_size=decode_chunk, batched_cfg=self.cfg_mode == "batched")
         try:
             with peak:
-                result = run_synthesis(
-                    model, sampler, [settings.prompt], videos, noise_shape, n_samples=1, ddim_steps=settings.steps,
-                    ddim_eta=settings.eta, unconditional_guidance_scale=settings.cfg_scale, fs=settings.fs,
-                    timestep_spacing=spacing, guidance_rescale=settings.guidance_rescale,
-                    interp=interp, loop=loop, generator=generator, callback=on_step,
-                    decode_chunk_size=decode_chunk, batched_cfg=self.cfg_mode == "batched",
-                    **({"frames": settings.frames, "on_unet_call": on_unet_call}
-                       if settings.frames != self.frames else {}),
-                )
+                if board is not None:
+                    result = board.run(model, sampler, generator, **common)
+                else:
+                    result = run_synthesis(
+                        model, sampler, [settings.prompt], videos, noise_shape, n_samples=1, interp=interp,
+                        loop=loop, generator=generator, **common,
+                        **({"frames": settings.frames, "on_unet_call": on_unet_call}
+                           if settings.frames != self.frames else {}),
+                    )
         except (torch.OutOfMemoryError, MemoryError):
             raise OutOfMemory(
                 f"out of memory on {model.device.type} at step {step_now[0]} of the {self.model_name} model: "

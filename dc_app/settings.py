@@ -66,7 +66,7 @@ class Field:
     ui_step: float | None = None
     ui_max: float | None = None
     advanced: bool = False
-    endpoints: frozenset[str] = frozenset({"generate", "compare", "interpolate"})
+    endpoints: frozenset[str] = frozenset({"generate", "compare", "interpolate", "storyboard"})
     ui_id: str | None = None      # the control's elem_id where it is not the name spelled with dashes
 
     @property

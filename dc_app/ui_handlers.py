@@ -125,6 +125,10 @@ def _setting_params(service: Service, endpoint: str) -> list[inspect.Parameter]:
 
 
 _IMAGE = inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=FileData)
+_KEYFRAMES = inspect.Parameter("keyframes", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[FileData])
+_PROMPTS = inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                             annotation=Optional[list[str]])
+_LOOP = inspect.Parameter("loop", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False, annotation=bool)
 _IMAGE2 = inspect.Parameter("image2", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                             annotation=Optional[FileData])
 
@@ -137,20 +141,30 @@ _RETURNS = {
     "compare": ("tuple[FileData | None, FileData, str]",
                 lambda r: (_file(r.stock.video), _file(r.video), r.report())),
     "interpolate": ("tuple[FileData, str, int]", lambda r: (_file(r.video), r.report(), r.seed)),
+    "storyboard": ("tuple[FileData, str, int]", lambda r: (_file(r.video), r.report(), r.seed)),
 }
 _DOCS = {
     "generate": "Image to video. Returns (mp4, report, seed used).",
     "compare": "Stock and fixed samplers on the same seed and noise. Returns (stock mp4 or None, fixed mp4, report).",
     "interpolate": "Interpolation models: a video from image to image2 (without image2: a loop). "
                    "Returns (mp4, report, seed used).",
+    "storyboard": "Interpolation models: 2 or more keyframes joined through every consecutive pair (loop: back "
+                  "to the first); prompts: one per segment, else prompt for all. Returns (mp4, report, seed used).",
 }
+
+
+def _keyframe_paths(rule: UploadRule, value: Any) -> list[str]:
+    """Every keyframe checked against the upload rule, like any other image field."""
+    if not isinstance(value, list):
+        raise gr.Error("keyframes: expected a list of uploaded images", print_exception=False)
+    return [_payload_path(rule, item, f"keyframes[{k}]") for k, item in enumerate(value)]
 
 
 def api_functions(service: Service, rule: UploadRule | None = None) -> dict[str, Callable]:
     """The named API endpoints, generated from the settings table: `image` (and `image2` for /interpolate),
     then one parameter per setting, with the model's defaults."""
     rule = rule or upload_rule(service)
-    endpoints = ["generate", "compare"] + (["interpolate"] if service.is_interp_model else [])
+    endpoints = ["generate", "compare"] + (["interpolate", "storyboard"] if service.is_interp_model else [])
     return {name: _api_endpoint(service, rule, name) for name in endpoints}
 
 
@@ -160,6 +174,8 @@ def _api_endpoint(service: Service, rule: UploadRule, endpoint: str) -> Callable
     # Interpolation models compare interpolations: /compare takes image2 too.
     images = [_IMAGE, _IMAGE2] if endpoint == "interpolate" or (
         endpoint == "compare" and service.is_interp_model) else [_IMAGE]
+    if endpoint == "storyboard":
+        images = [_KEYFRAMES, _PROMPTS, _LOOP]
     params = images + _setting_params(service, endpoint)
     names = [p.name for p in params]
     returns, answer = _RETURNS[endpoint]
@@ -167,7 +183,11 @@ def _api_endpoint(service: Service, rule: UploadRule, endpoint: str) -> Callable
     async def call(*args, **kwargs):
         values = {**{p.name: p.default for p in params if p.default is not p.empty}, **dict(zip(names, args)),
                   **kwargs}
-        files = {p.name: _payload_path(rule, values.pop(p.name, None), p.name) for p in images}
+        if endpoint == "storyboard":
+            files = {"keyframes": _keyframe_paths(rule, values.pop("keyframes", None)),
+                     "prompts": values.pop("prompts", None), "loop": values.pop("loop", False)}
+        else:
+            files = {p.name: _payload_path(rule, values.pop(p.name, None), p.name) for p in images}
         return answer(await run_cancellable(gpu_call, **files, **values))
 
     return _with_signature(call, params, returns, endpoint, _DOCS[endpoint])

@@ -40,7 +40,7 @@ def keyframes(tmp_path_factory):
 
 def test_interpolation_models_serve_interpolate(client):
     api = client.view_api(return_format="dict", print_info=False)
-    assert set(api["named_endpoints"]) == {"/generate", "/compare", "/interpolate"}
+    assert set(api["named_endpoints"]) == {"/generate", "/compare", "/interpolate", "/storyboard"}
     params = [p["parameter_name"] for p in api["named_endpoints"]["/interpolate"]["parameters"]]
     assert params[:3] == ["image", "image2", "prompt"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in api["named_endpoints"]["/interpolate"]["parameters"]}
@@ -69,3 +69,31 @@ def test_interpolate_refuses_server_files(app, keyframes, field):
         args = {"image": uploaded, "image2": uploaded, "steps": 1, field: payload}
         kind, message = call_raw(app, "interpolate", args)
         assert kind == "error" and "only files uploaded to this app can be used" in message["error"], message
+
+
+@pytest.fixture(scope="module")
+def three_keyframes(tmp_path_factory, keyframes):
+    green = tmp_path_factory.mktemp("green") / "green.png"
+    Image.new("RGB", (96, 64), (30, 200, 30)).save(green)
+    return [keyframes[0], green, keyframes[1]]
+
+
+@pytest.mark.parametrize("loop, frames", [(False, 7), (True, 9)])
+def test_storyboard_of_three_keyframes(client, three_keyframes, loop, frames):
+    # T = 4: 2T - 1 = 7 frames, or 3(T - 1) = 9 with loop; one prompt per segment.
+    prompts = ["red to green", "green to blue"] + (["blue to red"] if loop else [])
+    video, report, seed = client.predict([handle_file(k) for k in three_keyframes], prompts, loop, steps=1, seed=5,
+                                         api_name="/storyboard")
+    assert iio.imread(video["path"] if isinstance(video, dict) else video).shape == (frames, SIZE, SIZE, 3)
+    assert report.startswith("fixed: finite") and seed == 5
+
+
+def test_storyboard_refuses_server_files_and_bad_lists(app, three_keyframes):
+    uploaded = [upload(app, k) for k in three_keyframes]
+    planted = uploaded[:2] + [{"path": str(three_keyframes[2])}]  # a server path among real uploads
+    kind, message = call_raw(app, "storyboard", {"keyframes": planted, "steps": 1})
+    assert kind == "error" and "keyframes[2]: only files uploaded to this app can be used" in message["error"]
+    kind, message = call_raw(app, "storyboard", {"keyframes": uploaded[:1], "steps": 1})
+    assert kind == "error" and "keyframes: expected a list of 2 to 9 images, got 1 images" in message["error"]
+    kind, message = call_raw(app, "storyboard", {"keyframes": uploaded, "prompts": ["a", "b", "c"], "steps": 1})
+    assert kind == "error" and message["error"].startswith("prompts: expected one prompt, or one per segment")

@@ -213,3 +213,13 @@ def test_every_multistep_sampler_makes_a_playable_mp4(tmp_path, sampler):
     record = json.loads(out.with_suffix(".json").read_text())
     assert (record["sampler"], record["timestep_spacing"], record["steps"]) == (sampler, "logsnr", 3)
     assert bool(record["notices"]) == (sampler != "dpmpp_2m_sde")  # the deterministic ones ignore eta 0.5
+
+
+def test_storyboard_from_the_command_line(tmp_path):
+    out = tmp_path / "board.mp4"
+    keys = [ASSETS / "ball_up.png", ASSETS / "ball_down.png", ASSETS / "ball_up.png"]
+    code = main(["generate", "--model", "tiny_interp", "--keyframes", *map(str, keys), "--prompts", "down", "up",
+                 "--out", str(out), "--steps", "1", "--seed", "2"])
+    assert code == 0 and iio.imread(out).shape == (7, 64, 64, 3)  # T = 4: (3 - 1)(4 - 1) + 1
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["long_video"]["keyframe_order"] == [0, 1, 2] and record["seed"] == 2

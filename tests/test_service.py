@@ -718,3 +718,51 @@ def test_frames_are_checked_against_the_model(tmp_path, fake, image):
     with pytest.raises(InputError, match="^frames: interpolation models make exactly their 4 frames"):
         interp.compare(image, frames=8)
     assert fake.calls == []  # refused before any work
+
+
+@pytest.fixture(scope="module")
+def tiny_interp_service(tmp_path_factory):
+    from dc_app import load_pretrained
+
+    return Service(load_pretrained("tiny_interp", device="cpu"), output_dir=tmp_path_factory.mktemp("interp"))
+
+
+@pytest.fixture
+def keyframes(tmp_path):
+    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 40)]
+    paths = []
+    for k, colour in enumerate(colours):
+        paths.append(str(tmp_path / f"k{k}.png"))
+        Image.new("RGB", (96, 64), colour).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("count, loop, expected", [(3, False, 7), (4, False, 10), (3, True, 9), (4, True, 12)])
+def test_tiny_storyboard_frame_counts(tiny_interp_service, keyframes, count, loop, expected):
+    # T = 4: (K - 1)(T - 1) + 1 frames, or K (T - 1) with loop (each shared keyframe once).
+    result = tiny_interp_service.storyboard(keyframes[:count], loop=loop, steps=1, seed=4)
+    assert result.main.finite and iio.imread(result.video).shape == (expected, 64, 64, 3)
+    record = json.loads(open(result.sidecar).read())
+    order = list(range(count)) + ([0] if loop else [])
+    assert record["long_video"]["keyframe_order"] == order and record["seed"] == 4
+
+
+def test_tiny_storyboard_prompts_and_sizes(tiny_interp_service, keyframes, tmp_path):
+    wide = str(tmp_path / "wide.png")
+    Image.new("RGB", (300, 64), (10, 10, 10)).save(wide)
+    result = tiny_interp_service.storyboard([keyframes[0], wide, keyframes[1]], ["a", "b"], steps=1, seed=1)
+    assert "keyframes: keyframe 2 is 300x64, the first 96x64; each was cropped to the model's frame" in \
+        result.report().splitlines()
+    with pytest.raises(InputError, match=r"^prompts: expected one prompt, or one per segment \(2 for 3 keyframes\)"):
+        tiny_interp_service.storyboard(keyframes[:3], ["a", "b", "c"], steps=1)
+    with pytest.raises(InputError, match="^keyframes: expected a list of 2 to 9 images, got 10 images"):
+        tiny_interp_service.storyboard((keyframes * 3)[:10], steps=1)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match=r"^keyframes\[1\]: not an image file"):
+        tiny_interp_service.storyboard([keyframes[0], str(text)], steps=1)
+
+
+def test_storyboard_needs_an_interpolation_model(tmp_path, fake, image):
+    with pytest.raises(InputError, match="^storyboard: the tiny model cannot interpolate"):
+        Service(stub_model(), output_dir=tmp_path).storyboard([image, image])
