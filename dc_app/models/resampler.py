@@ -44,22 +44,19 @@ class PerceiverAttention(nn.Module):
         return t.reshape(b, length, self.heads, self.dim_head).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x)
-        latents = self.norm2(latents)
-        b, n_latents, _ = latents.shape
-
-        q = self.to_q(latents)  # (b, n_latents, inner)
-        kv_input = torch.cat([x, latents], dim=1)  # (b, n_x + n_latents, dim): latents see themselves too
-        k, v = self.to_kv(kv_input).chunk(2, dim=-1)  # each (b, n_x + n_latents, inner)
-        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
-
-        # Upstream scales q and k by d^-1/4 each before the product (keeps fp16 logits small) and takes the
-        # softmax in float32. Pre-scaling here and passing scale=1 gives the kernel exactly that computation;
-        # the kernel's math path already takes its softmax in float32.
-        s = self.dim_head ** -0.25
-        out = dot_product_attention(q * s, k * s, v, scale=1.0)  # (b, heads, n_latents, d)
-        out = out.transpose(1, 2).reshape(b, n_latents, self.heads * self.dim_head)  # (b, n_latents, inner)
-        return self.to_out(out)
+        tokens, queries = self.norm1(x), self.norm2(latents)
+        # The latents are the queries; keys and values come from the image tokens and the latents together,
+        # so every latent also attends to the other latents.
+        context = torch.cat([tokens, queries], dim=1)                   # (b, n_tokens + n_latents, dim)
+        keys, values = self.to_kv(context).chunk(2, dim=-1)             # (b, n_tokens + n_latents, inner) each
+        q, k, v = (self.split_heads(t) for t in (self.to_q(queries), keys, values))
+        # Upstream scales q and k by d^-1/4 each before their product (keeps fp16 logits small) and takes the
+        # softmax in float32. Scaling here and passing scale=1 gives the kernel exactly that computation; the
+        # kernel's math path already takes its softmax in float32.
+        quarter = self.dim_head ** -0.25
+        mixed = dot_product_attention(q * quarter, k * quarter, v, scale=1.0)  # (b, heads, n_latents, d)
+        batch, n_latents = queries.shape[:2]
+        return self.to_out(mixed.transpose(1, 2).reshape(batch, n_latents, self.heads * self.dim_head))
 
 
 class Resampler(nn.Module):
