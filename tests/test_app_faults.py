@@ -78,7 +78,8 @@ def test_started_from_the_environment(app):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--model", "2048"], {}, "--model/DC_APP_MODEL: expected one of 256, 512, 1024, 512_interp, tiny, tiny_interp, got '2048'"),
+    (["--model", "2048"], {}, "--model/DC_APP_MODEL: expected one of 256, 512, 1024, 512_interp, tiny, "
+                              "tiny_interp, tooncrafter_512, tooncrafter_tiny, got '2048'"),
     ([], {"DC_APP_MODEL": "huge"}, "--model/DC_APP_MODEL: expected one of"),
     (["--model", "tiny", "--dtype", "fp8"], {}, "--dtype/DC_APP_DTYPE: expected one of fp32, fp16, bf16"),
 ])
