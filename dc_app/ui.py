@@ -18,6 +18,7 @@ from .ui_handlers import (
     ui_model_status,
     ui_run,
     ui_schedule,
+    ui_storyboard,
     upload_rule,
 )
 from .validation import SEED_MAX
@@ -210,6 +211,9 @@ def _tab(service: Service, rule, interp: bool) -> gr.Blocks:
                                label="DDIM schedule: sigma and the square-root argument per step",
                                x_title="step (1 = noisiest)", y_title="value")
             plot_note = gr.Markdown(elem_id=f"{prefix}schedule-note")
+    if interp:
+        _storyboard(service, rule, s, [stock_column, stock_video, stock_note, video, video_note, report, seed_used,
+                                        settings_file])
     inputs = images + [s[f.name] for f in fields_of(endpoint)] + [compare]
     examples = _examples(service, interp)
     if examples:
@@ -228,6 +232,25 @@ def _tab(service: Service, rule, interp: bool) -> gr.Blocks:
                    api_visibility="private")
     _follow_schedule(service, s, plot, plot_note)
     return s, plot, plot_note
+
+
+def _storyboard(service: Service, rule, s: dict, outputs: list) -> None:
+    """The interpolation tab's storyboard: several keyframes in order (removable, reorderable by number), one
+    video through each consecutive pair, with the tab's settings; the result lands in the tab's video pane."""
+    with gr.Accordion("Storyboard: several keyframes", open=False):
+        gr.Markdown("Upload 2 to 9 keyframes; the video runs through them in order, each keyframe once. Remove one "
+                    "with its x; reorder them by typing their numbers.")
+        files = gr.File(file_count="multiple", file_types=["image"], label="Keyframes, in upload order",
+                        elem_id="storyboard-keyframes")
+        with gr.Row():
+            order = gr.Textbox(label="Order (optional)", placeholder="e.g. 3 1 2", elem_id="storyboard-order")
+            loop = gr.Checkbox(label="Loop back to the first keyframe", elem_id="storyboard-loop")
+        prompts = gr.Textbox(label="Prompts (optional): one line per segment, else the prompt above for all",
+                             lines=3, elem_id="storyboard-prompts")
+        button = gr.Button("Make storyboard", variant="primary", elem_id="storyboard")
+    button.click(ui_storyboard(service, rule), inputs=[files, order, prompts, loop] +
+                 [s[f.name] for f in fields_of("storyboard")], outputs=outputs, concurrency_id=CONCURRENCY_ID,
+                 api_visibility="private", preprocess=False, show_progress_on=[outputs[3]])
 
 
 def build_demo(service: Service) -> gr.Blocks:

@@ -240,6 +240,47 @@ def ui_run(service: Service, rule: UploadRule | None = None, interp: bool = Fals
     return _with_signature(run, params, tuple, "run", ui_run.__doc__)
 
 
+def ui_storyboard(service: Service, rule: UploadRule | None = None) -> Callable:
+    """The interpolation tab's storyboard button. Inputs: the keyframe uploads, an optional order ("3 1 2": the
+    uploads' numbers in the order to play; numbers left out are dropped), optional prompts (one line per
+    segment), loop, then the settings of /storyboard in the table's order. Outputs as ui_run's."""
+    rule = rule or upload_rule(service)
+    gpu_call = on_device(service, "storyboard")
+    settings = [f.name for f in fields_of("storyboard")]
+
+    async def run(files, order, prompts, loop, *args):
+        *values, progress = args
+        try:
+            keyframes = _ordered(_keyframe_paths(rule, files if files is not None else []), order)
+            loop = flag("loop", loop)
+            if not isinstance(prompts, (str, type(None))):
+                raise InputError("prompts: expected text, one line per segment")
+        except InputError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+        result = await run_cancellable(gpu_call, keyframes=keyframes, prompts=lines or None, loop=loop,
+                                       progress=_progress_adapter(progress), **dict(zip(settings, values)))
+        main = result.main
+        return (gr.update(visible=False), None, "", gr.update(value=_path(main.video), label="storyboard"),
+                main.line(), result.report(), result.seed, _path(result.sidecar))
+
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+              for name in ("files", "order", "prompts", "loop")] + _setting_params(service, "storyboard") + [_PROGRESS]
+    return _with_signature(run, params, tuple, "run", ui_storyboard.__doc__)
+
+
+def _ordered(paths: list[str], order: Any) -> list[str]:
+    """`paths` in the order the person typed ("3 1 2", commas too); empty: as uploaded."""
+    if order is None or (isinstance(order, str) and not order.strip()):
+        return paths
+    if not isinstance(order, str):
+        raise InputError("order: expected the keyframes' numbers, e.g. 3 1 2")
+    words = order.replace(",", " ").split()
+    if not all(w.isdigit() and 1 <= int(w) <= len(paths) for w in words) or len(set(words)) != len(words):
+        raise InputError(f"order: expected different numbers from 1 to {len(paths)} (the uploads), e.g. 3 1 2")
+    return [paths[int(w) - 1] for w in words]
+
+
 def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
 

@@ -176,3 +176,34 @@ def test_a_long_video_in_the_browser(app, browser):
     assert abs(duration - 12 / 8) < 0.2  # 12 frames at the model's 8 fps
     assert "frames: 12 from 9 overlapping windows" in page.locator("#report textarea").input_value()
     page.close()
+
+
+@pytest.fixture(scope="module")
+def interp_app(tmp_path_factory):
+    running = start_app(tmp_path_factory.mktemp("browser-interp"), model="tiny_interp")
+    yield running
+    stop_app(running)
+
+
+def test_a_storyboard_in_the_browser(interp_app, browser):
+    # tiny_interp opens on its interpolation tab. Four uploads, the order "1 2 4" drops the third: 3 keyframes,
+    # (3 - 1)(4 - 1) + 1 = 7 frames at 8 fps.
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    page.goto(interp_app.url, wait_until="domcontentloaded")
+    page.locator("#interpolate").wait_for(timeout=60_000)
+    page.get_by_text("Storyboard: several keyframes").click()
+    names = ["ball_up.png", "ball_down.png", "cat_sitting.png", "sun_low.png"]
+    page.locator("#storyboard-keyframes input[type=file]").set_input_files([str(REPO / "assets" / n) for n in names])
+    page.wait_for_function("() => document.querySelectorAll('#storyboard-keyframes tr').length >= 4", timeout=60_000)
+    page.locator("#storyboard-order textarea, #storyboard-order input").first.fill("1 2 4")
+    steps = page.locator("#interp-steps input[type=number]")
+    steps.fill("1")
+    steps.press("Enter")
+    page.locator("#storyboard").click()
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#interp-video video'); return v && v.readyState >= 2; }",
+        timeout=180_000)
+    duration = page.evaluate("() => document.querySelector('#interp-video video').duration")
+    assert abs(duration - 7 / 8) < 0.15, duration
+    assert page.locator("#interp-report textarea").input_value().startswith("fixed: finite")
+    page.close()

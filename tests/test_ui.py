@@ -170,3 +170,15 @@ def test_interpolation_models_open_on_their_interpolation_tab(tmp_path):
     assert tabs == ["Interpolation / loop", "Image to video"]
     tabs = [b.label for b in build_demo(service_for("tiny", tmp_path)).blocks.values() if isinstance(b, gr.Tab)]
     assert tabs == ["Image to video"]
+
+
+def test_storyboard_order_picks_and_reorders_the_uploads():
+    from dc_app.ui_handlers import _ordered
+    from dc_app.validation import InputError
+
+    paths = ["a.png", "b.png", "c.png"]
+    assert _ordered(paths, "") == paths and _ordered(paths, None) == paths
+    assert _ordered(paths, "3 1") == ["c.png", "a.png"] and _ordered(paths, "2,3, 1") == ["b.png", "c.png", "a.png"]
+    for bad in ("4", "1 1", "0", "x", 3):
+        with pytest.raises(InputError, match="^order: expected"):
+            _ordered(paths, bad)
