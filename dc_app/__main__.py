@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="one image (or two, with 512_interp) -> one mp4 and its JSON")
     first = gen.add_mutually_exclusive_group(required=True)
     first.add_argument("--image", type=Path, help="input image")
+    first.add_argument("--extend", type=Path, metavar="VIDEO",
+                       help="image-to-video models: continue this video from its last frame (--frames more frames)")
     first.add_argument("--keyframes", type=Path, nargs="+", metavar="IMAGE",
                        help="interpolation models: a storyboard through 2 or more keyframes, in this order")
     gen.add_argument("--prompts", nargs="+", metavar="PROMPT",
@@ -162,6 +164,9 @@ def _move_result(video: str, dest: Path) -> Path:
 def run_one(service, item: Item, out: Path, args, progress) -> tuple[list[Path], str]:
     """One item through the service -> (written mp4 paths, report). Raises the service's UserFacingError."""
     values = {**cli_values(args), "prompt": item.prompt}
+    if getattr(args, "extend", None):
+        result = service.extend(str(args.extend), progress=progress, **values)
+        return [_move_result(result.video, out)], result.report()
     if getattr(args, "keyframes", None):
         result = service.storyboard([str(k) for k in args.keyframes], args.prompts, args.loop, progress=progress,
                                     **values)
@@ -200,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         if args.out.suffix.lower() != ".mp4":
             raise SystemExit(f"--out {args.out}: expected a file name ending in .mp4")
-        image = args.image or args.keyframes[0]  # a storyboard's item: its keyframes come from args
+        image = args.image or (args.keyframes or [args.extend])[0]  # storyboard/extend: the inputs come from args
         items, out_dir = [Item(args.out.stem, image, args.prompt or "", args.image2)], args.out.parent
         targets = {args.out.stem: args.out}
     else:

@@ -108,3 +108,29 @@ def extend_video(model, sampler: str, video: torch.Tensor, prompt: str = "", fra
     result = run_synthesis(model, sampler, [prompt], i2v_input, [1, model.channels, frames, h, w], **settings)
     continuation = result.videos[0, 0].to(video.device)  # 3 N H W
     return ExtendResult(video=torch.cat([video, continuation[:, 1:]], dim=1), continuation=result)
+
+
+def join_with_upload(upload: str | os.PathLike, continuation: str | os.PathLike, out: str | os.PathLike,
+                     size: tuple[int, int], fps: int) -> int:
+    """Write `out`: the uploaded video, cropped to `size` (H, W) like an input image (scaled to cover, centre
+    kept) at `fps`, then the continuation without its first frame (it re-creates the upload's last frame).
+
+    ffmpeg streams the upload from disk to disk: the app itself decodes only the upload's last frame
+    (`last_frame`). Returns the joined video's frame count. Raises OSError when ffmpeg fails.
+    """
+    import subprocess
+
+    import imageio_ffmpeg
+
+    h, w = size
+    graph = (f"[0:v]fps={fps},scale={w}:{h}:force_original_aspect_ratio=increase,crop={w}:{h},setsar=1,"
+             f"format=yuv420p[a];[1:v]trim=start_frame=1,setpts=PTS-STARTPTS,setsar=1,format=yuv420p[b];"
+             f"[a][b]concat=n=2:v=1:a=0[out]")
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", str(upload), "-i", str(continuation),
+               "-filter_complex", graph, "-map", "[out]", "-an", "-c:v", "libx264", "-crf", "18",
+               "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise OSError(f"ffmpeg could not join the videos: {done.stderr.strip()[-300:]}")
+    frames, _seconds = imageio_ffmpeg.count_frames_and_secs(str(out))
+    return int(frames)

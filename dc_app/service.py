@@ -8,7 +8,9 @@ whose message can be shown as it is; whatever happens, no partial file is left b
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -31,6 +33,7 @@ from .schedule import ddim_timesteps
 from .settings import FIELDS_BY_NAME, SEED_RANDOM, GenerationSettings, fields_of
 from .stock_failure import StockSamplerFailure
 from .storage import OutputStore
+from .extend import join_with_upload, last_frame
 from .storyboard import MAX_KEYFRAMES, run_storyboard
 from .validation import InputError, UserFacingError, clean_prompt, flag, whole_number
 from .video import write_mp4, write_sidecar
@@ -260,6 +263,36 @@ class Service:
         board = Storyboard(tuple(frames), tuple(texts), loop)
         return self._finish(self._run_job(settings, None, [(settings.sampler, settings.timestep_spacing)], progress,
                                           cancel, interp=True, loop=loop, board=board))
+
+    def extend(self, video, *, progress: Callable[[int, int, str], None] | None = None,
+               cancel: threading.Event | None = None, **values) -> GenerationResult:
+        """Image-to-video models: continue an uploaded video from its last frame for `frames` more frames, and
+        return the two joined (the continuation's first frame re-creates the last one: t + N - 1 frames). Only
+        the upload's last frame is decoded here; ffmpeg streams the rest into the joined file. Known drift: the
+        model sees one frame, not the motion before it (docs/long-videos.md)."""
+        if self.is_interp_model:
+            raise InputError(f"extend: the {self.model_name} model interpolates; continue a video with an "
+                             f"image-to-video model (--model 512)")
+        settings = self.settings_for(values, "extend")
+        if video is None:
+            raise InputError("video: no video was given")
+        last = last_frame(video, field="video")
+        result = self._finish(self._run_job(settings, self._i2v_input(last), [(settings.sampler,
+                                            settings.timestep_spacing)], progress, cancel, interp=False, loop=False))
+        continuation = result.main
+        joined = continuation.video.with_name(f".{continuation.video.stem}.joined.mp4")
+        try:
+            frames = join_with_upload(video, continuation.video, joined, self.frame_size, self.fps)
+            os.replace(joined, continuation.video)  # the result is the joined video, under the result's name
+        except OSError as err:
+            for path in (joined, continuation.video, continuation.sidecar):
+                path.unlink(missing_ok=True)
+            log.warning("extend: %s", err)
+            raise RunFailed("the uploaded video and its continuation could not be joined; nothing was saved") from None
+        record = json.loads(continuation.sidecar.read_text())
+        record["extend"] = {"continuation_frames": settings.frames, "joined_frames": frames}
+        write_sidecar(continuation.sidecar, record)
+        return result
 
     @staticmethod
     def _finish(result: GenerationResult) -> GenerationResult:

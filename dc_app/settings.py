@@ -66,7 +66,7 @@ class Field:
     ui_step: float | None = None
     ui_max: float | None = None
     advanced: bool = False
-    endpoints: frozenset[str] = frozenset({"generate", "compare", "interpolate", "storyboard"})
+    endpoints: frozenset[str] = frozenset({"generate", "compare", "interpolate", "storyboard", "extend"})
     ui_id: str | None = None      # the control's elem_id where it is not the name spelled with dashes
 
     @property
@@ -116,7 +116,7 @@ FIELDS: tuple[Field, ...] = (
     Field("seed", "seed", "Seed (-1: random)", "0..2^32-1, or -1 for a random seed", default=SEED_RANDOM),
     Field("frames", "int", "Frames", "video length: the model's trained T frames up to 8T (overlapping windows)",
           model_default="frames", model_bounds="frames_range", ui_step=1,
-          endpoints=frozenset({"generate", "compare"})),  # interpolation keeps its T frames
+          endpoints=frozenset({"generate", "compare", "extend"})),  # interpolation keeps its T frames
     Field("guidance_rescale", "float", "Guidance rescale", "phi of arXiv:2305.08891, 0-1",
           model_default="guidance_rescale", bounds=(0.0, 1.0), ui_step=0.05, advanced=True),
     Field("timestep_spacing", "choice", "Timestep spacing", "which timesteps the sampler visits",

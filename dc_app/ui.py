@@ -18,6 +18,7 @@ from .ui_handlers import (
     ui_model_status,
     ui_run,
     ui_schedule,
+    ui_extend,
     ui_storyboard,
     upload_rule,
 )
@@ -211,9 +212,11 @@ def _tab(service: Service, rule, interp: bool) -> gr.Blocks:
                                label="DDIM schedule: sigma and the square-root argument per step",
                                x_title="step (1 = noisiest)", y_title="value")
             plot_note = gr.Markdown(elem_id=f"{prefix}schedule-note")
+    outputs = [stock_column, stock_video, stock_note, video, video_note, report, seed_used, settings_file]
     if interp:
-        _storyboard(service, rule, s, [stock_column, stock_video, stock_note, video, video_note, report, seed_used,
-                                        settings_file])
+        _storyboard(service, rule, s, outputs)
+    else:
+        _extend(service, rule, s, outputs)
     inputs = images + [s[f.name] for f in fields_of(endpoint)] + [compare]
     examples = _examples(service, interp)
     if examples:
@@ -251,6 +254,20 @@ def _storyboard(service: Service, rule, s: dict, outputs: list) -> None:
     button.click(ui_storyboard(service, rule), inputs=[files, order, prompts, loop] +
                  [s[f.name] for f in fields_of("storyboard")], outputs=outputs, concurrency_id=CONCURRENCY_ID,
                  api_visibility="private", preprocess=False, show_progress_on=[outputs[3]])
+
+
+def _extend(service: Service, rule, s: dict, outputs: list) -> None:
+    """The image-to-video tab's Extend: continue an uploaded video from its last frame with the tab's settings
+    (Frames: how many more); the joined video lands in the tab's video pane."""
+    with gr.Accordion("Extend a video", open=False):
+        gr.Markdown("Upload a video (at most 50 MB and 120 s): its last frame starts a new clip of *Frames* frames, "
+                    "joined after it. The motion may change at the join, and colours drift a little with each "
+                    "extension.")
+        upload = gr.Video(label="Video to continue", sources=["upload"], elem_id="extend-video")
+        button = gr.Button("Extend", variant="primary", elem_id="extend")
+    button.click(ui_extend(service, rule), inputs=[upload] + [s[f.name] for f in fields_of("extend")],
+                 outputs=outputs, concurrency_id=CONCURRENCY_ID, api_visibility="private", preprocess=False,
+                 show_progress_on=[outputs[3]])
 
 
 def build_demo(service: Service) -> gr.Blocks:

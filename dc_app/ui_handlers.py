@@ -125,6 +125,7 @@ def _setting_params(service: Service, endpoint: str) -> list[inspect.Parameter]:
 
 
 _IMAGE = inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=FileData)
+_VIDEO = inspect.Parameter("video", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=FileData)
 _KEYFRAMES = inspect.Parameter("keyframes", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[FileData])
 _PROMPTS = inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                              annotation=Optional[list[str]])
@@ -142,12 +143,15 @@ _RETURNS = {
                 lambda r: (_file(r.stock.video), _file(r.video), r.report())),
     "interpolate": ("tuple[FileData, str, int]", lambda r: (_file(r.video), r.report(), r.seed)),
     "storyboard": ("tuple[FileData, str, int]", lambda r: (_file(r.video), r.report(), r.seed)),
+    "extend": ("tuple[FileData, str, int]", lambda r: (_file(r.video), r.report(), r.seed)),
 }
 _DOCS = {
     "generate": "Image to video. Returns (mp4, report, seed used).",
     "compare": "Stock and fixed samplers on the same seed and noise. Returns (stock mp4 or None, fixed mp4, report).",
     "interpolate": "Interpolation models: a video from image to image2 (without image2: a loop). "
                    "Returns (mp4, report, seed used).",
+    "extend": "Image-to-video models: continue an uploaded video (at most 50 MB and 120 s) from its last frame "
+              "for `frames` more frames. Returns (joined mp4, report, seed used).",
     "storyboard": "Interpolation models: 2 or more keyframes joined through every consecutive pair (loop: back "
                   "to the first); prompts: one per segment, else prompt for all. Returns (mp4, report, seed used).",
 }
@@ -164,7 +168,7 @@ def api_functions(service: Service, rule: UploadRule | None = None) -> dict[str,
     """The named API endpoints, generated from the settings table: `image` (and `image2` for /interpolate),
     then one parameter per setting, with the model's defaults."""
     rule = rule or upload_rule(service)
-    endpoints = ["generate", "compare"] + (["interpolate", "storyboard"] if service.is_interp_model else [])
+    endpoints = ["generate", "compare"] + (["interpolate", "storyboard"] if service.is_interp_model else ["extend"])
     return {name: _api_endpoint(service, rule, name) for name in endpoints}
 
 
@@ -176,6 +180,8 @@ def _api_endpoint(service: Service, rule: UploadRule, endpoint: str) -> Callable
         endpoint == "compare" and service.is_interp_model) else [_IMAGE]
     if endpoint == "storyboard":
         images = [_KEYFRAMES, _PROMPTS, _LOOP]
+    elif endpoint == "extend":
+        images = [_VIDEO]
     params = images + _setting_params(service, endpoint)
     names = [p.name for p in params]
     returns, answer = _RETURNS[endpoint]
@@ -267,6 +273,25 @@ def ui_storyboard(service: Service, rule: UploadRule | None = None) -> Callable:
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
               for name in ("files", "order", "prompts", "loop")] + _setting_params(service, "storyboard") + [_PROGRESS]
     return _with_signature(run, params, tuple, "run", ui_storyboard.__doc__)
+
+
+def ui_extend(service: Service, rule: UploadRule | None = None) -> Callable:
+    """The image-to-video tab's Extend button: the uploaded video, then the settings of /extend in the table's
+    order. Outputs as ui_run's."""
+    rule = rule or upload_rule(service)
+    gpu_call = on_device(service, "extend")
+    settings = [f.name for f in fields_of("extend")]
+
+    async def run(video, *args):
+        *values, progress = args
+        result = await run_cancellable(gpu_call, video=_payload_path(rule, video, "video"),
+                                       progress=_progress_adapter(progress), **dict(zip(settings, values)))
+        main = result.main
+        return (gr.update(visible=False), None, "", gr.update(value=_path(main.video), label="extended video"),
+                main.line(), result.report(), result.seed, _path(result.sidecar))
+
+    params = [_VIDEO] + _setting_params(service, "extend") + [_PROGRESS]
+    return _with_signature(run, params, tuple, "run", ui_extend.__doc__)
 
 
 def _ordered(paths: list[str], order: Any) -> list[str]:

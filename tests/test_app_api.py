@@ -120,7 +120,7 @@ def test_named_endpoints_use_the_service_argument_names(client):
     from dc_app.service import Service
 
     api = client.view_api(return_format="dict", print_info=False)
-    assert set(api["named_endpoints"]) == {"/generate", "/compare"}  # /interpolate: 512_interp only
+    assert set(api["named_endpoints"]) == {"/generate", "/compare", "/extend"}  # /interpolate: interp models
     assert api["unnamed_endpoints"] == {}
     for name, endpoint in api["named_endpoints"].items():
         params = endpoint["parameters"]
@@ -130,7 +130,7 @@ def test_named_endpoints_use_the_service_argument_names(client):
         if name == "/compare":
             images.remove("image2")  # tiny is not an interpolation model: its compare takes one image
         assert [p["parameter_name"] for p in params] == images + [f.name for f in fields_of(name[1:])]
-        assert [p["parameter_name"] for p in params if not p["parameter_has_default"]] == ["image"]
+        assert [p["parameter_name"] for p in params if not p["parameter_has_default"]] == images[:1]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in api["named_endpoints"]["/generate"]["parameters"]}
     assert defaults["steps"] == 50 and defaults["timestep_spacing"] == "uniform_trailing" and defaults["seed"] == -1
 
@@ -246,6 +246,7 @@ def run_case(app, client, images, case, transport=None) -> tuple[str, object]:
         image = upload(app, images[case["image"]]) if raw else handle_file(images[case["image"]])
     else:
         image = None
+    field = case.get("field", "image")  # /extend's file input is its video
     if endpoint == "ui":
         values = {**_ui_defaults(app), "image": image, **{k: _special(v) for k, v in args.items()}}
         message = call_ui_event(app, "generate", "click", [values[k] for k in UI_INPUTS])
@@ -253,7 +254,7 @@ def run_case(app, client, images, case, transport=None) -> tuple[str, object]:
             return "ok", message["output"]["data"]
         return "error", message["output"].get("error") or ""
     if transport == "http":
-        kind, payload = call_raw(app, endpoint, {"image": image, **{k: _special(v) for k, v in args.items()}})
+        kind, payload = call_raw(app, endpoint, {field: image, **{k: _special(v) for k, v in args.items()}})
         if kind == "complete":
             return "ok", payload
         return "error", (payload or {}).get("error") or ""
@@ -447,3 +448,13 @@ def test_cancel_stops_a_run_within_a_step_and_leaves_nothing(app, images):
     new = sorted(set(app.result_files()) - set(before))
     # only the last request's mp4 and JSON: the cancelled run left nothing, not even a temp file
     assert [Path(n).suffix for n in new] == [".json", ".mp4"] and Path(new[0]).stem == Path(new[1]).stem
+
+
+def test_extend_through_the_api(app, client, images):
+    video, _, _ = client.predict(handle_file(images["ok"]), steps=1, seed=12, api_name="/generate")
+    path = video["path"] if isinstance(video, dict) else video
+    joined, report, seed = client.predict(handle_file(path), steps=1, seed=13, frames=5, api_name="/extend")
+    assert assert_model_video(joined, FRAMES + 5 - 1).std() > 1 and seed == 13
+    # The video field follows the upload rule like the image fields.
+    kind, message = call_raw(app, "extend", {"video": {"path": path}, "steps": 1})
+    assert kind == "error" and "video: only files uploaded to this app can be used" in message["error"]

@@ -223,3 +223,13 @@ def test_storyboard_from_the_command_line(tmp_path):
     assert code == 0 and iio.imread(out).shape == (7, 64, 64, 3)  # T = 4: (3 - 1)(4 - 1) + 1
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["long_video"]["keyframe_order"] == [0, 1, 2] and record["seed"] == 2
+
+
+def test_extend_from_the_command_line(tmp_path):
+    first, out = tmp_path / "first.mp4", tmp_path / "longer.mp4"
+    assert main(["generate", "--model", "tiny", "--image", str(ASSETS / "coffee.jpg"), "--out", str(first),
+                 "--steps", "1"]) == 0
+    assert main(["generate", "--model", "tiny", "--extend", str(first), "--out", str(out), "--steps", "1",
+                 "--frames", "4"]) == 0
+    assert iio.imread(out).shape == (7, 64, 64, 3)
+    assert json.loads(out.with_suffix(".json").read_text())["extend"]["joined_frames"] == 7

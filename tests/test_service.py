@@ -13,6 +13,7 @@ import time
 from types import SimpleNamespace
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -135,7 +136,7 @@ def test_api_signature_matches_service_and_model_defaults(tmp_path):
 
     svc = Service(stub_model("256", latent=(32, 32)), output_dir=tmp_path)
     api = api_functions(svc)
-    assert set(api) == {"generate", "compare"}  # /interpolate only for 512_interp
+    assert set(api) == {"generate", "compare", "extend"}  # /interpolate and /storyboard: interpolation models
     for name, fn in api.items():
         api_params = inspect.signature(fn).parameters
         # The service takes the images positionally and the settings of the table by name.
@@ -144,7 +145,7 @@ def test_api_signature_matches_service_and_model_defaults(tmp_path):
         if name == "compare" and not svc.is_interp_model:
             images.remove("image2")  # only interpolation models compare between two images
         assert list(api_params) == images + [f.name for f in fields_of(name)]
-        assert [n for n, p in api_params.items() if p.default is inspect.Parameter.empty] == ["image"]
+        assert [n for n, p in api_params.items() if p.default is inspect.Parameter.empty] == images[:1]
     gen = inspect.signature(api["generate"]).parameters
     assert (gen["timestep_spacing"].default, gen["fs"].default, gen["guidance_rescale"].default) == ("uniform", 3, 0.0)
     interp = Service(stub_model("512_interp", latent=(40, 64)), output_dir=tmp_path)
@@ -766,3 +767,26 @@ def test_tiny_storyboard_prompts_and_sizes(tiny_interp_service, keyframes, tmp_p
 def test_storyboard_needs_an_interpolation_model(tmp_path, fake, image):
     with pytest.raises(InputError, match="^storyboard: the tiny model cannot interpolate"):
         Service(stub_model(), output_dir=tmp_path).storyboard([image, image])
+
+
+def test_tiny_extend_joins_the_upload_and_its_continuation(tiny_service, image, tmp_path):
+    first = tiny_service.generate(image, steps=1, seed=3)  # 4 frames of 64x64
+    result = tiny_service.extend(str(first.video), steps=1, seed=4, frames=6)
+    joined = iio.imread(result.video)
+    assert joined.shape == (4 + 6 - 1, 64, 64, 3)  # the continuation's first frame re-creates the last one
+    record = json.loads(open(result.sidecar).read())
+    assert record["extend"] == {"continuation_frames": 6, "joined_frames": 9} and record["seed"] == 4
+    # The continuation starts from the upload's last frame: the join has no jump there.
+    original = iio.imread(first.video).astype(float)
+    assert np.abs(joined[3].astype(float) - original[3]).mean() < 12
+
+
+def test_extend_refuses_what_it_cannot_continue(tmp_path, fake, image):
+    svc = Service(stub_model(), output_dir=tmp_path)
+    with pytest.raises(InputError, match="^video: no such file"):
+        svc.extend(str(tmp_path / "missing.mp4"))
+    with pytest.raises(InputError, match="^video: (not a video file ffmpeg can read|the video does not say how long)"):
+        svc.extend(image)  # a PNG: ffmpeg opens it, but it has no duration to check
+    with pytest.raises(InputError, match="^extend: the tiny_interp model interpolates"):
+        Service(stub_model("tiny_interp"), output_dir=tmp_path).extend(image)
+    assert fake.calls == []

@@ -34,7 +34,7 @@ def by_id(demo: gr.Blocks) -> dict:
 def test_endpoints_per_model(tmp_path, name):
     svc = service_for(name, tmp_path)
     info = build_demo(svc).get_api_info()
-    expected = {"/generate", "/compare"} | ({"/interpolate", "/storyboard"} if name == "512_interp" else set())
+    expected = {"/generate", "/compare"} | ({"/interpolate", "/storyboard"} if name == "512_interp" else {"/extend"})
     assert set(info["named_endpoints"]) == expected and info["unnamed_endpoints"] == {}
     for endpoint, spec in info["named_endpoints"].items():
         method = getattr(Service, endpoint[1:])
