@@ -210,6 +210,17 @@ _PROGRESS = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWOR
 _COMPARE = inspect.Parameter("compare", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False, annotation=bool)
 
 
+def _panes(result, label: str, with_stock: bool = False) -> tuple:
+    """A tab's eight outputs for `result`: stock column visibility, stock video and its line, the video (labelled)
+    and its line, the report, the seed used and the settings file. Each video gets its own line of the report
+    (time included) right under it."""
+    stock = (gr.update(visible=True), _path(result.stock.video), result.stock.line()) if with_stock else \
+        (gr.update(visible=False), None, "")
+    main = result.main
+    return (*stock, gr.update(value=_path(main.video), label=label), main.line(), result.report(), result.seed,
+            _path(result.sidecar))
+
+
 def ui_run(service: Service, rule: UploadRule | None = None, interp: bool = False) -> Callable:
     """A tab's Generate (or Interpolate) button: one sampler, or stock beside it when `compare` is on.
 
@@ -235,12 +246,7 @@ def ui_run(service: Service, rule: UploadRule | None = None, interp: bool = Fals
             raise gr.Error(str(err), print_exception=False) from None
         result = await run_cancellable(cmp_gpu if compare else one_gpu, **files,
                                        progress=_progress_adapter(progress), **values)
-        main = result.main
-        stock = (gr.update(visible=True), _path(result.stock.video), result.stock.line()) if compare else \
-            (gr.update(visible=False), None, "")
-        # Each video gets its own line of the report (time included) right under it.
-        return (*stock, gr.update(value=_path(main.video), label=f"{main.sampler} sampler"), main.line(),
-                result.report(), result.seed, _path(result.sidecar))
+        return _panes(result, f"{result.main.sampler} sampler", with_stock=compare)
 
     params = images + _setting_params(service, endpoint) + [_COMPARE, _PROGRESS]
     return _with_signature(run, params, tuple, "run", ui_run.__doc__)
@@ -266,9 +272,7 @@ def ui_storyboard(service: Service, rule: UploadRule | None = None) -> Callable:
         lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
         result = await run_cancellable(gpu_call, keyframes=keyframes, prompts=lines or None, loop=loop,
                                        progress=_progress_adapter(progress), **dict(zip(settings, values)))
-        main = result.main
-        return (gr.update(visible=False), None, "", gr.update(value=_path(main.video), label="storyboard"),
-                main.line(), result.report(), result.seed, _path(result.sidecar))
+        return _panes(result, "storyboard")
 
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
               for name in ("files", "order", "prompts", "loop")] + _setting_params(service, "storyboard") + [_PROGRESS]
@@ -286,9 +290,7 @@ def ui_extend(service: Service, rule: UploadRule | None = None) -> Callable:
         *values, progress = args
         result = await run_cancellable(gpu_call, video=_payload_path(rule, video, "video"),
                                        progress=_progress_adapter(progress), **dict(zip(settings, values)))
-        main = result.main
-        return (gr.update(visible=False), None, "", gr.update(value=_path(main.video), label="extended video"),
-                main.line(), result.report(), result.seed, _path(result.sidecar))
+        return _panes(result, "extended video")
 
     params = [_VIDEO] + _setting_params(service, "extend") + [_PROGRESS]
     return _with_signature(run, params, tuple, "run", ui_extend.__doc__)
