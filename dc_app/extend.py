@@ -20,7 +20,7 @@ import torch
 
 from .images import MAX_FILE_BYTES, MAX_PIXELS, MAX_SIDE
 from .loading.spec import model_interpolates
-from .pipeline import SynthesisResult, run_synthesis
+from .pipeline import SynthesisResult, image_video, run_synthesis
 from .validation import InputError
 
 MAX_VIDEO_BYTES = MAX_FILE_BYTES   # the app's upload limit
@@ -102,9 +102,7 @@ def extend_video(model, sampler: str, video: torch.Tensor, prompt: str = "", fra
         raise ValueError(f"extend: video has shape {tuple(video.shape)}, expected (3, t, {8 * h}, {8 * w})")
     window = int(model.temporal_length)
     frames = window if frames is None else int(frames)
-    # As the app's image-to-video input: the image repeated over T frames (the pipeline reads frame 0).
-    image = video[:, -1]
-    i2v_input = image.unsqueeze(1).repeat(1, window, 1, 1).unsqueeze(0)  # 1 3 T H W
+    i2v_input = image_video(video[:, -1], window)  # 1 3 T H W, as the app's image-to-video input
     result = run_synthesis(model, sampler, [prompt], i2v_input, [1, model.channels, frames, h, w], **settings)
     continuation = result.videos[0, 0].to(video.device)  # 3 N H W
     return ExtendResult(video=torch.cat([video, continuation[:, 1:]], dim=1), continuation=result)

@@ -31,6 +31,19 @@ class SynthesisResult:
     long_video: dict = field(default_factory=dict)
 
 
+def image_video(image: torch.Tensor, frames: int) -> torch.Tensor:
+    """The image-to-video input: an image (3, H, W) repeated over `frames` -> (1, 3, frames, H, W), as upstream's
+    loader lays it out (the pipeline conditions on frame 0)."""
+    return image.unsqueeze(1).repeat(1, frames, 1, 1).unsqueeze(0)
+
+
+def keyframe_video(first: torch.Tensor, last: torch.Tensor, frames: int) -> torch.Tensor:
+    """The interpolation input: `first` over the first half of `frames`, `last` over the rest -> (1, 3, frames,
+    H, W). The model reads only the first and the last frame; a loop passes the same image twice."""
+    half = (frames + 1) // 2
+    return torch.stack([first] * half + [last] * (frames - half), dim=1).unsqueeze(0)
+
+
 def default_fs(model) -> int:
     """fs when a caller gives none: the model spec's default (5 for 512_interp, whose UNet's own default_fs is
     24), or the UNet's default_fs for a bare upstream config."""

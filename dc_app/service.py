@@ -27,14 +27,14 @@ from .images import open_image, prepare_image
 from .loading import dtype_name, offload_mode
 from .loading.background import ModelLoader
 from .options import CFG_MODES
-from .pipeline import SynthesisResult, run_synthesis
+from .pipeline import SynthesisResult, image_video, keyframe_video, run_synthesis
 from .result import CRASHED, FINITE, NAN, GenerationResult, SamplerOutcome
 from .schedule import ddim_timesteps
 from .settings import FIELDS_BY_NAME, SEED_RANDOM, GenerationSettings, fields_of
 from .stock_failure import StockSamplerFailure
 from .storage import OutputStore
 from .extend import join_with_upload, last_frame
-from .storyboard import MAX_KEYFRAMES, run_storyboard
+from .storyboard import MAX_KEYFRAMES, run_storyboard, segment_prompts
 from .validation import InputError, UserFacingError, clean_prompt, flag, whole_number
 from .video import write_mp4, write_sidecar
 from .windows import window_count
@@ -244,13 +244,16 @@ class Service:
             got = f"{len(keyframes)} images" if isinstance(keyframes, (list, tuple)) else "no list"
             raise InputError(f"keyframes: expected a list of 2 to {MAX_KEYFRAMES} images, got {got}")
         segments = len(keyframes) - (0 if loop else 1)
-        if prompts is None:
-            texts = [settings.prompt] * segments
-        elif not isinstance(prompts, (list, tuple)) or len(prompts) not in (1, segments):
+        try:
+            if prompts is not None and not isinstance(prompts, (list, tuple)):
+                raise ValueError("not a list")
+            texts = segment_prompts(settings.prompt if prompts is None else [clean_prompt(p)[0] for p in prompts],
+                                    segments)
+        except InputError:
+            raise  # a prompt's own problem, in its own words
+        except ValueError:
             raise InputError(f"prompts: expected one prompt, or one per segment ({segments} for {len(keyframes)} "
-                             f"keyframes{' with loop' if loop else ''})")
-        else:
-            texts = [clean_prompt(p)[0] for p in prompts] * (segments if len(prompts) == 1 else 1)
+                             f"keyframes{' with loop' if loop else ''})") from None
         frames, notices, first_size = [], list(settings.notices), None
         for k, image in enumerate(keyframes):
             picture = open_image(image, f"keyframes[{k}]")
@@ -307,19 +310,14 @@ class Service:
 
     # --------------------------------------------------------------------------------------- running
     def _i2v_input(self, image) -> torch.Tensor:
-        pixels = prepare_image(image, *self.frame_size, field="image")
-        # As upstream's loader: the image repeated over every frame (the pipeline conditions on frame 0).
-        return pixels.unsqueeze(1).repeat(1, self.frames, 1, 1).unsqueeze(0)  # 1 3 t H W
+        return image_video(prepare_image(image, *self.frame_size, field="image"), self.frames)
 
     def _interp_input(self, image, image2) -> tuple[torch.Tensor, bool]:
-        """(1 3 t H W frames, loop): the first image over the first half, the second over the rest; without a
-        second image, the first at both ends (a loop)."""
+        """(1 3 t H W frames, loop); without a second image, the first at both ends (a loop)."""
         first = prepare_image(image, *self.frame_size, field="image")
         loop = image2 is None
         last = first if loop else prepare_image(image2, *self.frame_size, field="image2")
-        half = (self.frames + 1) // 2
-        frames = [first] * half + [last] * (self.frames - half)
-        return torch.stack(frames, dim=1).unsqueeze(0), loop
+        return keyframe_video(first, last, self.frames), loop
 
     def _acquire(self, cancel: threading.Event | None) -> None:
         # Wait for the device, but give up as soon as the person cancels while waiting.
@@ -446,8 +444,7 @@ class Service:
         outcome = self._outcome(sampler, spacing, result, video, time.perf_counter() - started, peak.bytes, mp4,
                                 sidecar)
         written.append(sidecar)
-        write_sidecar(sidecar, self._sidecar(settings, seed, outcome, decode_chunk, interp, loop,
-                                             getattr(result, "long_video", None)))
+        write_sidecar(sidecar, self._sidecar(settings, seed, outcome, decode_chunk, interp, loop, result.long_video))
         return outcome
 
     @staticmethod
@@ -462,7 +459,7 @@ class Service:
             sampler, status, seconds, spacing=spacing, video=mp4, sidecar=sidecar, peak_bytes=peak_bytes,
             timesteps=timesteps, nan_step=None if nf is None else int(nf["step"]) + 1,
             nan_timestep=None if nf is None else int(nf["timestep"]), black_share=black_share,
-            notices=tuple(getattr(result, "notices", ())))
+            notices=tuple(result.notices))
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from .loading.spec import model_interpolates
-from .pipeline import SynthesisResult, run_synthesis
+from .pipeline import SynthesisResult, keyframe_video, run_synthesis
 from .windows import MAX_LENGTH_FACTOR
 
 # The most keyframes a storyboard takes: 8 segments of T - 1 new frames each, about the 8T frames a long
@@ -95,15 +95,12 @@ def run_storyboard(
     texts = segment_prompts(prompts, len(pairs))
     window = int(model.temporal_length)
     h, w = model.image_size
-    half = (window + 1) // 2
 
     results, videos = [], []
     for k, ((a, b), text) in enumerate(zip(pairs, texts)):
         if on_segment is not None:
             on_segment(k, len(pairs))
-        # The interpolation model reads the first and the last frame of its input (as the app lays them out).
-        frames = [keyframes[a]] * half + [keyframes[b]] * (window - half)
-        segment_input = torch.stack(frames, dim=1).unsqueeze(0)  # 1 3 T H W
+        segment_input = keyframe_video(keyframes[a], keyframes[b], window)  # 1 3 T H W, as the app lays it out
         result = run_synthesis(model, sampler, [text], segment_input, [1, model.channels, window, h, w],
                                interp=True, generator=generator, **settings)
         results.append(result)
