@@ -9,6 +9,7 @@ wall time between synchronisations.
 """
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 import time
@@ -27,6 +28,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Pixel size of each model's videos (height, width); every released model makes 16 frames.
 PIXEL_SIZES = {"tiny": (64, 64), "256": (256, 256), "512": (320, 512), "1024": (576, 1024)}
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux /proc)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
 
 
 def default_device() -> torch.device:

@@ -29,21 +29,15 @@ import resource
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-from _common import clock_for, default_device, describe_device, model_config, random_model, timed, unet_inputs
+from _common import (clock_for, current_rss, default_device, describe_device, model_config, random_model, timed,
+                     unet_inputs)
 from dc_app.windowed_model import WindowedModel
 from dc_app.windows import window_count
 
 MODELS = {"reduced": ("512", 64), "512": ("512", None), "tiny": ("tiny", None)}
-
-
-def current_rss() -> int:
-    """Resident bytes now (Linux /proc)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
 
 
 def child(args) -> None:

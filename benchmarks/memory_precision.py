@@ -22,22 +22,16 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from _common import DTYPES, default_device, describe_device, model_config, random_model, unet_inputs
+from _common import (DTYPES, current_rss, default_device, describe_device, model_config, random_model,
+                     unet_inputs)
 from dc_app.pipeline import run_synthesis
 from dc_app.sampling import FixedDDIMSampler
 
 MODELS = {"tiny": ("tiny", None, "pipeline"), "reduced": ("512", 64, "denoising"),
           "256": ("256", None, "pipeline"), "512": ("512", None, "pipeline"), "1024": ("1024", None, "pipeline")}
-
-
-def current_rss() -> int:
-    """Resident bytes now (Linux /proc)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
 
 
 def child(args) -> None:
