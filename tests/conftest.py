@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -75,3 +76,34 @@ def compare_api(result):
     """A compare's GenerationResult as /compare answers it: (stock mp4 or None after a crash, fixed mp4, report)."""
     stock = result.stock.video
     return (str(stock) if stock is not None else None), str(result.video), result.report()
+
+
+class ModelCall(NamedTuple):
+    cond: dict       # the conditioning apply_model got (cloned)
+    output: object   # what it returned (cloned)
+    fs: object       # its fs argument
+
+
+class Recorder:
+    """Wraps a model's apply_model to record every call (conditioning, output, fs), and as a sampler callback
+    every step's (i, n_steps, x_prev, pred_x0); for the parity tests against upstream's recorded runs."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.steps = model, [], []
+        self._apply = model.apply_model
+
+    def __enter__(self):
+        def apply_model(x, t, cond, **kw):
+            out = self._apply(x, t, cond, **kw)
+            self.calls.append(ModelCall({k: [c.clone() for c in v] for k, v in cond.items()}, out.clone(),
+                                        kw.get("fs")))
+            return out
+
+        self.model.apply_model = apply_model
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.apply_model
+
+    def callback(self, i, n, x_prev, pred_x0):
+        self.steps.append((i, n, x_prev.clone(), pred_x0.clone()))

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import ATOL, ATOL_SAMPLER, DATA, RTOL, read_manifest, read_manifest_file
+from conftest import ATOL, ATOL_SAMPLER, DATA, RTOL, Recorder, read_manifest, read_manifest_file
 from dc_app import build_model, load_model_config, load_pretrained
 from dc_app.loading.spec import model_spec
 from dc_app.models.attention_kernel import attention_backend
@@ -271,29 +271,6 @@ def test_decode_of_the_recorded_runs(tag, toon_model, toon_cases, references):
 
 
 # ---------------------------------------------------------------------------------------- full runs
-class Recorder:
-    """Wraps apply_model to record every call's conditioning and output, and the per-step callback values."""
-
-    def __init__(self, model):
-        self.model, self.calls, self.steps = model, [], []
-        self._apply = model.apply_model
-
-    def __enter__(self):
-        def apply_model(x, t, cond, **kw):
-            out = self._apply(x, t, cond, **kw)
-            self.calls.append(({k: [c.clone() for c in v] for k, v in cond.items()}, out.clone(), kw.get("fs")))
-            return out
-
-        self.model.apply_model = apply_model
-        return self
-
-    def __exit__(self, *exc):
-        del self.model.apply_model
-
-    def callback(self, i, n, x_prev, pred_x0):
-        self.steps.append((i, x_prev.clone(), pred_x0.clone()))
-
-
 @pytest.mark.parametrize("tag", ["eta0", "eta1"])
 @pytest.mark.parametrize("synthesis", [image_guided_synthesis, image_guided_synthesis_fixed], ids=["stock", "fixed"])
 def test_full_interpolation_run_with_recorded_noise(tag, synthesis, toon_model, toon_cases, toon_meta):
@@ -317,10 +294,10 @@ def test_full_interpolation_run_with_recorded_noise(tag, synthesis, toon_model, 
         close(out[:1], toon_cases[f"sampler_{tag}_model_out_uncond"][i], atol=ATOL_SAMPLER)
         close(out[1:], toon_cases[f"sampler_{tag}_model_out_cond"][i], atol=ATOL_SAMPLER)
     assert [s[0] for s in rec.steps] == list(range(5))
-    for i, x_prev, pred_x0 in rec.steps:
+    for i, _, x_prev, pred_x0 in rec.steps:
         close(pred_x0, toon_cases[f"sampler_{tag}_pred_x0"][i], atol=ATOL_SAMPLER)
         close(x_prev, toon_cases[f"sampler_{tag}_x_prev"][i], atol=ATOL_SAMPLER)
-    close(rec.steps[-1][1], toon_cases[f"sampler_{tag}_final_latent"], atol=ATOL_SAMPLER)
+    close(rec.steps[-1][2], toon_cases[f"sampler_{tag}_final_latent"], atol=ATOL_SAMPLER)
     assert video.shape == (1, 1, 3, 4, 64, 64)
     close(video, toon_cases[f"sampler_{tag}_video"], atol=ATOL_SAMPLER)
 
