@@ -14,11 +14,9 @@ import torch
 
 from .loading.spec import spec_if_any
 from .noise_rescheduling import initial_noise
-from .sampling import SAMPLER_NAMES, make_sampler
+from .sampling import make_sampler
 from .windowed_model import WindowedModel
 from .windows import MAX_LENGTH_FACTOR
-
-SAMPLERS = SAMPLER_NAMES  # the name other modules import; the registry in dc_app.sampling is the source
 
 
 @dataclass

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import ATOL, ATOL_SAMPLER, RTOL, Recorder
 from dc_app import build_model, load_model_config, load_pretrained
