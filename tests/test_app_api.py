@@ -30,7 +30,10 @@ from apphelpers import REPO, call_raw, call_ui_event, start_app, stop_app, uploa
 
 pytestmark = pytest.mark.slow
 
-CORPUS = json.loads((Path(__file__).parent / "data" / "bad_inputs.json").read_text())["cases"]
+ALL_CASES = json.loads((Path(__file__).parent / "data" / "bad_inputs.json").read_text())["cases"]
+# The cases for the tiny app; those naming another model (tiny_interp: image2, /storyboard) run in that app's
+# module, tests/test_app_interpolation.py.
+CORPUS = [c for c in ALL_CASES if c.get("model", "tiny") == "tiny"]
 FRAMES, SIZE = 4, 64  # the tiny model: 4 frames of 64x64
 
 
@@ -247,6 +250,10 @@ def run_case(app, client, images, case, transport=None) -> tuple[str, object]:
     else:
         image = None
     field = case.get("field", "image")  # /extend's file input is its video
+    raw = transport == "http"
+    # More file inputs (image2, keyframes): an image name is uploaded, "@name" is that file's server path.
+    files = {name: [_payload(app, images, v, raw) for v in value] if isinstance(value, list) else
+             _payload(app, images, value, raw) for name, value in case.get("files", {}).items()}
     if endpoint == "ui":
         values = {**_ui_defaults(app), "image": image, **{k: _special(v) for k, v in args.items()}}
         message = call_ui_event(app, "generate", "click", [values[k] for k in UI_INPUTS])
@@ -254,14 +261,22 @@ def run_case(app, client, images, case, transport=None) -> tuple[str, object]:
             return "ok", message["output"]["data"]
         return "error", message["output"].get("error") or ""
     if transport == "http":
-        kind, payload = call_raw(app, endpoint, {field: image, **{k: _special(v) for k, v in args.items()}})
+        kind, payload = call_raw(app, endpoint, {field: image, **files, **{k: _special(v) for k, v in args.items()}})
         if kind == "complete":
             return "ok", payload
         return "error", (payload or {}).get("error") or ""
     try:
+        if files:  # by name: /storyboard has no image parameter
+            return "ok", client.predict(api_name=f"/{endpoint}", **({field: image} if image else {}), **files, **args)
         return "ok", client.predict(image, api_name=f"/{endpoint}", **args)
     except Exception as err:  # gradio_client raises AppError with the server's message
         return "error", str(err)
+
+
+def _payload(app, images, name: str, raw: bool):
+    if name.startswith("@"):
+        return _server_file(app, images, {"server_file": name[1:]})
+    return upload(app, images[name]) if raw else handle_file(images[name])
 
 
 def _runs(corpus):

@@ -11,6 +11,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from apphelpers import call_raw, start_app, stop_app, upload
+from test_app_api import ALL_CASES, _make_images, _runs, assert_reveals_nothing, run_case
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +98,22 @@ def test_storyboard_refuses_server_files_and_bad_lists(app, three_keyframes):
     assert kind == "error" and "keyframes: expected a list of 2 to 9 images, got 1 images" in message["error"]
     kind, message = call_raw(app, "storyboard", {"keyframes": uploaded, "prompts": ["a", "b", "c"], "steps": 1})
     assert kind == "error" and message["error"].startswith("prompts: expected one prompt, or one per segment")
+
+
+# ------------------------------------------------------------------ the bad-input corpus's interpolation cases
+
+INTERP_CASES = [c for c in ALL_CASES if c.get("model") == "tiny_interp"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _make_images(tmp_path_factory.mktemp("corpus-images"))
+
+
+@pytest.mark.parametrize("case, transport", list(_runs(INTERP_CASES)))
+def test_bad_input_corpus_on_an_interpolation_model(app, client, images, case, transport):
+    # image2 and the storyboard's keyframes follow the upload rule and the image checks, like every file input.
+    outcome, value = run_case(app, client, images, case, transport)
+    assert outcome == "error", f"{case['id']}: accepted: {value}"
+    assert case["message"] in value, f"{case['id']}: {value!r}"
+    assert_reveals_nothing(app, images, value)
