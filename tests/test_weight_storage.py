@@ -182,6 +182,27 @@ def test_dequantised_weights_within_the_formats_rounding(plain, stored, kind):
     assert worst > 0.5  # the weights really are rounded to the grid, not kept exact
 
 
+def test_storing_frees_each_float_weight_before_the_next_layer(plain, monkeypatch):
+    """Layer by layer: when a layer is quantised, every earlier layer's float weight is already freed, so the
+    peak is the model plus one layer, not the model twice."""
+    from dc_app.models import weight_storage
+
+    unet = copy.deepcopy(plain["fp32"].model.diffusion_model)
+    weights = [weakref.ref(m.weight) for m in unet.modules() if isinstance(m, LAYERS)]
+    seen = []
+    quantize = weight_storage.quantize
+
+    def watching(weight, kind):
+        seen.append(sum(ref() is not None for ref in weights))
+        return quantize(weight, kind)
+
+    monkeypatch.setattr(weight_storage, "quantize", watching)
+    store_weights_8bit(unet, "int8")
+    # At the i-th call, the i-th layer and all later ones still exist; the earlier ones are gone.
+    assert seen == [len(weights) - i for i in range(len(weights))]
+    assert all(ref() is None for ref in weights)
+
+
 # ----------------------------------------------------------------------------------------- how it runs
 def test_one_upcast_weight_alive_at_a_time(stored):
     """During a forward, each rebuilt weight is gone before the next layer rebuilds its own."""
