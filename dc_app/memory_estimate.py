@@ -71,7 +71,7 @@ class MemoryEstimate:
 
     weights: int                        # resident at the peak phase, exact
     unet_activations: tuple[int, int]   # one UNet call (one window of T frames); flat in the frame count
-    latents: int                        # the sampler's N-frame latents while the UNet runs; grows with N
+    sampler_state: int                  # N-frame latents and conditioning held while the UNet runs; grows with N
     vae_decode: tuple[int, int]         # decode activations of one chunk plus the N-frame video; grows with N
     encode: tuple[int, int]             # the largest encoder's activations
     total: tuple[int, int]              # the peak phase's weights + activations (+ CUDA context, high end)
@@ -85,7 +85,7 @@ class MemoryEstimate:
         def rng(pair: tuple[int, int]) -> str:
             return f"{pair[0] / GiB:.1f}-{pair[1] / GiB:.1f} GiB"
 
-        unet = (self.unet_activations[0] + self.latents, self.unet_activations[1] + self.latents)
+        unet = (self.unet_activations[0] + self.sampler_state, self.unet_activations[1] + self.sampler_state)
         context = " (with the CUDA context)" if self.device_type == "cuda" else ""
         return (f"needs about {rng(self.total)}{context}, at its peak during {self.peak_phase}: weights "
                 f"{self.weights / GiB:.1f} GiB, UNet activations {rng(unet)}, VAE decode {rng(self.vae_decode)}")
@@ -187,17 +187,18 @@ def _estimate(key, frames, dtype, vae_dtype, weights_dtype, ff_chunk_size, ff_ch
 
     h, w = spec.latent_size
     latent = 4 * N * h * w * 4  # one float32 (1, 4, N, h, w) latent
-    latents = latent * _latent_copies(cfg_mode, N > T)
+    held = _conditioning_bytes(model_key, cfg_mode)  # alive from the encoders to the end of the run
+    state = latent * _latent_copies(cfg_mode, N > T) + held
     encode_steps = [PhaseEstimate("encode", resident(*names), span(act)) for names, act in enc]
-    denoise = PhaseEstimate("denoise", resident(), span(unet + latents))
+    denoise = PhaseEstimate("denoise", resident(), span(unet + state))
     vae = span(_decode_bytes(model_key, spec, N, decode_chunk_size, device_type))
-    decode = PhaseEstimate("decode", resident("first_stage_model"), (vae[0] + latent, vae[1] + latent))
+    decode = PhaseEstimate("decode", resident("first_stage_model"), (vae[0] + latent + held, vae[1] + latent + held))
     encode = max(encode_steps, key=lambda p: p.total[1])
     phases = (encode, denoise, decode)
     peak = max(phases, key=lambda p: p.total[1])
     context = CUDA_CONTEXT_BYTES if device_type == "cuda" else 0
     total = (max(p.total[0] for p in phases), peak.total[1] + context)
-    return MemoryEstimate(weights=peak.weights, unet_activations=span(unet), latents=latents, vae_decode=vae,
+    return MemoryEstimate(weights=peak.weights, unet_activations=span(unet), sampler_state=state, vae_decode=vae,
                           encode=encode.activations, total=total, peak_phase=peak.name, phases=phases,
                           device_type=device_type)
 
@@ -277,6 +278,23 @@ def _unet_trace(model_key: tuple, ff_chunk_size, ff_chunk_budget, batch: int, de
         if hasattr(model, "set_ff_chunk_size"):
             model.set_ff_chunk_size()
     return trace.peak
+
+
+@lru_cache(maxsize=16)
+def _conditioning_bytes(model_key: tuple, cfg_mode: str) -> int:
+    """What the encoders' outputs keep alive for the whole run: the cond and uncond contexts (batched CFG also
+    holds their concatenation) and, for a temporal decoder, the keyframes' reference features."""
+    model = _meta_model(model_key)
+    p = model.config.model.params
+    resampler = p.image_proj_stage_config.params
+    tokens = 77 + int(resampler.num_queries) * int(resampler.get("video_length") or 1)
+    context = tokens * int(p.unet_config.params.context_dim) * 4  # float32 (1, 77 + image tokens, d)
+    total = context * (4 if cfg_mode == "batched" else 2)
+    if model.temporal_decoder:
+        H, W = (8 * s for s in model.image_size)
+        with torch.no_grad():
+            total += _tensor_bytes(model.encode_keyframes(torch.empty(1, 3, 2, H, W, device="meta"))[1])
+    return total
 
 
 @lru_cache(maxsize=16)
