@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dc_app.models.attention_kernel import dot_product_attention
 from dc_app.models.normalization import GroupNorm32
+from dc_app.models.token_chunking import TokenChunking
 
 # The UNet feeds every spatial cross-attention a context of 77 text tokens followed by the image tokens.
 # Upstream hard-codes the split point (`text_context_len=77`), the length of an open_clip text sequence.
@@ -153,8 +154,16 @@ class FeedForward(nn.Module):
         inner_dim = dim * mult
         self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+        """x: ... dim. With `chunk_tokens`, at most that many tokens go through the 4x-wide GEGLU at once
+        (it is per token, so only float rounding can tell the difference)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        if chunk_tokens is None or tokens.shape[0] <= chunk_tokens:
+            return self.net(x)
+        out = tokens.new_empty(tokens.shape[0], self.net[2].out_features)
+        for start in range(0, tokens.shape[0], chunk_tokens):
+            out[start:start + chunk_tokens] = self.net(tokens[start:start + chunk_tokens])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class BasicTransformerBlock(nn.Module):
@@ -189,12 +198,32 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        # Low-memory path (set by UNetModel.set_token_chunking); None: all sequences at once.
+        self.chunking: TokenChunking | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: B L dim; context: B Lc context_dim or None."""
+        """x: B L dim; context: B Lc context_dim or None.
+
+        With `chunking`, the block runs over groups of whole sequences (attention needs a sequence whole) of
+        at most the chunk's tokens, and the feed-forward over at most that many tokens of a longer sequence.
+        """
+        if self.chunking is None:
+            return self._block(x, context, None)
+        batch, length, width = x.shape
+        chunk_tokens = self.chunking.tokens_for(width, x.element_size())
+        if batch * length <= chunk_tokens:
+            return self._block(x, context, None)
+        sequences = max(1, chunk_tokens // length)
+        out = torch.empty_like(x)
+        for start in range(0, batch, sequences):
+            rows = slice(start, start + sequences)
+            out[rows] = self._block(x[rows], None if context is None else context[rows], chunk_tokens)
+        return out
+
+    def _block(self, x: torch.Tensor, context: torch.Tensor | None, chunk_tokens: int | None) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context=context) + x
-        x = self.ff(self.norm3(x)) + x
+        x = self.ff(self.norm3(x), chunk_tokens) + x
         return x
 
 

@@ -18,6 +18,7 @@ from .autoencoder import AutoencoderKL
 from .clip import OpenCLIPImageEmbedder, OpenCLIPTextEmbedder
 from .dualref_decoder import DualRefAutoencoderKL
 from .resampler import Resampler
+from .token_chunking import TokenChunking
 from .unet import UNetModel
 
 # The schedule buffers every official checkpoint stores, in upstream's registration order.
@@ -323,6 +324,21 @@ class DynamiCrafter(nn.Module):
             yield part
         finally:
             part.to("cpu")
+
+    def set_ff_chunk_size(self, tokens: int | None = None, budget_bytes: int | None = None) -> "DynamiCrafter":
+        """Chunk the UNet's transformer blocks and feed-forwards: at most `tokens` tokens at once, or as many as
+        keep one chunk's feed-forward temporaries within `budget_bytes`; neither: unchunked (the default).
+        Same result up to float rounding, lower peak memory (see models/token_chunking.py)."""
+        chunking = None
+        if tokens is not None or budget_bytes is not None:
+            chunking = TokenChunking(tokens=tokens, budget_bytes=budget_bytes)
+        self.model.diffusion_model.set_token_chunking(chunking)
+        return self
+
+    @property
+    def ff_chunking(self) -> TokenChunking | None:
+        """What `set_ff_chunk_size` set (None: unchunked)."""
+        return self.model.diffusion_model.token_chunking
 
     def compile_unet(self, **kwargs) -> "DynamiCrafter":
         """torch.compile the UNet (off by default: the first call compiles for minutes)."""

@@ -20,8 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dc_app.models.attention import TEXT_CONTEXT_TOKENS, SpatialTransformer, TemporalTransformer
+from dc_app.models.attention import (TEXT_CONTEXT_TOKENS, BasicTransformerBlock, SpatialTransformer,
+                                     TemporalTransformer)
 from dc_app.models.normalization import GroupNorm32
+from dc_app.models.token_chunking import TokenChunking
 
 # The Resampler gives 16 image tokens per frame; upstream's UNet hard-codes this number (and the 77 text
 # tokens) to recognise a per-frame image context of length 77 + 16 * T.
@@ -241,6 +243,7 @@ class UNetModel(nn.Module):
         self.fs_condition = fs_condition
         self.addition_attention = addition_attention
         time_embed_dim = model_channels * 4
+        self.token_chunking: TokenChunking | None = None  # see set_token_chunking
 
         def res_block(ch: int, out_ch: int) -> ResBlock:
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, temporal_conv=temporal_conv)
@@ -318,6 +321,13 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1)
         )
+
+    def set_token_chunking(self, chunking: TokenChunking | None) -> None:
+        """Run every transformer block (spatial and temporal) over chunks of tokens (None: all at once)."""
+        self.token_chunking = chunking
+        for module in self.modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.chunking = chunking
 
     @property
     def dtype(self) -> torch.dtype:
