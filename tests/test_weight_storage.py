@@ -49,6 +49,16 @@ BOUNDS = {
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, multi-threaded small ops stall whenever a sibling thread
+    is descheduled, which made this file take 10 s on a quiet machine and 400 s on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def plain() -> dict[str, nn.Module]:
     """The tiny model in each compute dtype, weights untouched."""
