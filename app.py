@@ -2,8 +2,9 @@
 
 Options fall back to DC_APP_MODEL, DC_APP_DEVICE, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (Spaces and Docker
 set the last two); the performance options (--dtype, --vae-dtype, --offload, --decode-chunk-size, --cfg-mode,
---compile, shared with the CLI in dc_app.options) to DC_APP_DTYPE, DC_APP_VAE_DTYPE, DC_APP_OFFLOAD,
-DC_APP_DECODE_CHUNK_SIZE, DC_APP_CFG_MODE and DC_APP_COMPILE.
+--compile, --ff-chunk-size, --weights-dtype, --low-vram, shared with the CLI in dc_app.options) to DC_APP_DTYPE,
+DC_APP_VAE_DTYPE, DC_APP_OFFLOAD, DC_APP_DECODE_CHUNK_SIZE, DC_APP_CFG_MODE, DC_APP_COMPILE, DC_APP_FF_CHUNK_SIZE,
+DC_APP_WEIGHTS_DTYPE and DC_APP_LOW_VRAM.
 
 Importing this module does nothing heavy: `create_app` starts the model loading and builds the page. On ZeroGPU
 (the `spaces` package importable) the model loads before the page starts, as ZeroGPU requires; elsewhere it
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from dc_app.loading.spec import MODEL_NAMES
 from dc_app.options import add_performance_options, check_performance_options, describe, model_options, \
-    service_options
+    service_options, settle_performance_options
 from dc_app.storage import default_root
 
 QUEUE_SIZE = 16      # waiting requests; one more gets Gradio's "queue is full" answer
@@ -44,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.model not in MODEL_NAMES:
         p.error(f"--model/DC_APP_MODEL: expected one of {', '.join(MODEL_NAMES)}, got {args.model!r}")
     check_performance_options(p, args)
-    return args
+    return settle_performance_options(args)
 
 
 def output_root() -> Path:

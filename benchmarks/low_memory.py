@@ -41,14 +41,6 @@ CPU_VARIANTS = (("fp32 plain", "fp32", None, None), ("fp32 chunked", "fp32", 409
                 ("bf16 plain", "bf16", None, None), ("bf16 chunked", "bf16", 4096, None))
 
 
-def weights_8bit_available() -> bool:
-    try:
-        from dc_app.models.weight_storage import store_weights_8bit  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where the kernel does not allow it."""
     try:
@@ -103,7 +95,7 @@ def run_cpu(args) -> None:
     torch.set_num_threads(args.threads)
     width = None if args.real_width else 64
     if args.real_width:
-        variants = [("bf16 low-memory", "bf16", 4096, "fp8" if weights_8bit_available() else None)]
+        variants = [("bf16 low-memory", "bf16", 4096, "int8")]  # --low-vram's 8-bit storage
         batch, frames = 2, 16
     else:
         variants = list(CPU_VARIANTS)
@@ -162,12 +154,10 @@ def gpu_child(args) -> None:
     low = args.variant == "low-memory"
     dtype = torch.bfloat16 if low and torch.cuda.is_bf16_supported() else (torch.float16 if low else torch.float32)
     model = random_model(model_config(args.model), device, dtype=dtype)
-    eight_bit = low and weights_8bit_available()
-    if eight_bit:
+    if low:  # --low-vram: 8-bit UNet weights, encoders and VAE offloaded, chunked transformer blocks
         from dc_app.models.weight_storage import store_weights_8bit
 
-        store_weights_8bit(model.model.diffusion_model, "fp8")
-    if low:
+        store_weights_8bit(model.model.diffusion_model, "int8")
         model.enable_offload(vae=True)
         model.set_ff_chunk_size(tokens=4096)
     torch.cuda.empty_cache()
@@ -191,7 +181,7 @@ def gpu_child(args) -> None:
     torch.cuda.synchronize(device)
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first interval includes the encoders
     print(json.dumps({"peak": torch.cuda.max_memory_allocated(device), "dtype": str(dtype).split(".")[-1],
-                      "weights_8bit": eight_bit, "step_seconds": statistics.median(steps) if steps else None,
+                      "weights_8bit": "int8" if low else None, "step_seconds": statistics.median(steps) if steps else None,
                       "finite": bool(torch.isfinite(result.videos).all())}))
 
 
@@ -211,7 +201,7 @@ def run_gpu(args) -> None:
         for variant, r in results.items():
             low = variant == "low-memory"
             e = estimate_memory(name, dtype=r["dtype"].replace("bfloat16", "bf16").replace("float16", "fp16")
-                                .replace("float32", "fp32"), weights_dtype="fp8" if r["weights_8bit"] else None,
+                                .replace("float32", "fp32"), weights_dtype=r["weights_8bit"],
                                 ff_chunk_size=4096 if low else None, cfg_mode="two-call" if low else "batched",
                                 decode_chunk_size=1 if low else None, offload="all" if low else "none")
             context = e.total[1] - max(p.total[1] for p in e.phases)  # max_memory_allocated has no CUDA context

@@ -1,4 +1,5 @@
-"""Command line: `python -m dc_app generate ...` for one image, `python -m dc_app batch ...` for many.
+"""Command line: `python -m dc_app generate ...` for one image, `python -m dc_app batch ...` for many, and
+`python -m dc_app estimate ...` for the memory a generation would need, without loading anything.
 
 Both call the same `dc_app.service.Service` methods as the Gradio UI and API, so a video made here has the same
 validation, report and JSON sidecar as one made in the browser.
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .loading.spec import MODEL_NAMES
-from .options import add_performance_options, model_options, service_options
-from .settings import add_cli_flags, cli_values
+from .options import add_performance_options, model_options, service_options, settle_performance_options
+from .settings import FIELDS, add_cli_flags, cli_values
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -40,8 +41,19 @@ def _sampling_options(p: argparse.ArgumentParser, with_prompt: bool) -> None:
     add_performance_options(p)  # the app's --dtype, --vae-dtype, --offload, ... (dc_app.options)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose result has every performance option settled (the --low-vram preset's value or the
+    default for each one not given); the subcommands' parsers are of this class too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if hasattr(parsed, "low_vram"):
+            settle_performance_options(parsed)
+        return parsed, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dc_app", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="python -m dc_app", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -66,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of images (same-name .txt = prompt) or CSV with image,prompt[,image2] columns")
     batch.add_argument("--out-dir", required=True, type=Path, help="folder for <image name>.mp4 and .json")
     _sampling_options(batch, with_prompt=False)
+
+    estimate = sub.add_parser("estimate", help="will it fit? the peak memory a generation needs, against the device's "
+                                               "free memory, without loading the model")
+    estimate.add_argument("--model", default="512", choices=MODEL_NAMES, help="checkpoint to estimate (default: 512)")
+    add_cli_flags(estimate, skip=tuple(f.name for f in FIELDS if f.name not in ("frames", "perframe_ae")))
+    estimate.add_argument("--device", help="cuda, cuda:1 or cpu: whose free memory (default: cuda if available)")
+    add_performance_options(estimate)
     return parser
 
 
@@ -198,8 +217,48 @@ def open_service(args, work_dir: Path):
     return Service(model, output_dir=work_dir, **service_options(args))
 
 
+def run_estimate(args: argparse.Namespace) -> int:
+    """`python -m dc_app estimate`: the breakdown, the device's free memory and the verdict; exit status 1 when
+    even the estimate's low end does not fit (so a script can check before it starts a long download)."""
+    from .loading import default_device
+    from .loading.spec import load_model_config, model_spec
+    from .memory_estimate import GiB, free_memory
+    from .memory_fit import DOES_NOT_FIT, MemorySetup, check_fit
+    from .options import describe
+
+    spec = model_spec(load_model_config(args.model))
+    frames = spec.frames if args.frames is None else args.frames
+    lo, hi = spec.defaults.frames_range
+    if not lo <= frames <= hi:
+        raise SystemExit(f"--frames {frames}: the {args.model} model makes {lo} to {hi} frames")
+    # The request's decode chunk as the service picks it: per-frame decode asked or the model's default, else the
+    # server's --decode-chunk-size, else all frames.
+    perframe = spec.defaults.perframe_ae if args.perframe_ae is None else args.perframe_ae
+    if args.decode_chunk_size is not None and args.perframe_ae is None:
+        perframe = args.decode_chunk_size == 1
+    device = args.device or str(default_device())
+    setup = MemorySetup(model=args.model, frames=frames, dtype=args.dtype or "fp32", vae_dtype=args.vae_dtype,
+                        weights_dtype=args.weights_dtype, ff_chunking=args.ff_chunk_size, cfg_mode=args.cfg_mode,
+                        decode_chunk_size=1 if perframe else (args.decode_chunk_size or frames),
+                        offload=args.offload, device_type="cuda" if device.startswith("cuda") else "cpu")
+    fit = check_fit(setup, free_memory(device), held=0)
+    est = fit.estimate
+    print(f"{args.model} model, {frames} frames, on {device}: {describe(args)}")
+    for phase in est.phases:
+        low, high = phase.total
+        print(f"  {phase.name:8s} weights {phase.weights / GiB:6.2f} GiB + activations "
+              f"{phase.activations[0] / GiB:.2f}-{phase.activations[1] / GiB:.2f} GiB = "
+              f"{low / GiB:.2f}-{high / GiB:.2f} GiB")
+    print(fit.line())
+    if fit.advice:
+        print(fit.advice)
+    return 1 if fit.verdict == DOES_NOT_FIT else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "estimate":
+        return run_estimate(args)
     from .validation import UserFacingError
 
     if args.command == "generate":

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from .loading.build import build_model, parse_dtype
 from .loading.spec import ModelSpec, load_model_config, model_spec
 from .memory_trace import DEVICE_TYPES, MemoryTrace
+from .models.weight_storage import store_weights_8bit
 
 GiB = 2**30
 CFG_MODES = ("batched", "two-call")
@@ -81,14 +82,21 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         """One sentence in plain words, e.g. for the UI next to Generate."""
-
-        def rng(pair: tuple[int, int]) -> str:
-            return f"{pair[0] / GiB:.1f}-{pair[1] / GiB:.1f} GiB"
-
         unet = (self.unet_activations[0] + self.sampler_state, self.unet_activations[1] + self.sampler_state)
         context = " (with the CUDA context)" if self.device_type == "cuda" else ""
-        return (f"needs about {rng(self.total)}{context}, at its peak during {self.peak_phase}: weights "
-                f"{self.weights / GiB:.1f} GiB, UNet activations {rng(unet)}, VAE decode {rng(self.vae_decode)}")
+        return (f"needs about {size_span(*self.total)}{context}, at its peak during {self.peak_phase}: weights "
+                f"{size(self.weights)}, UNet activations {size_span(*unet)}, VAE decode {size_span(*self.vae_decode)}")
+
+
+def size(n: int) -> str:
+    """Bytes in words: '6.1 GiB', or '25 MiB' below a GiB (the tiny models)."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+
+
+def size_span(low: int, high: int) -> str:
+    """'6.1-7.4 GiB', '47-48 MiB', '900 MiB-1.2 GiB'."""
+    (a, unit_a), b = size(low).split(), size(high)
+    return f"{a}-{b}" if b.endswith(unit_a) else f"{a} {unit_a}-{b}"
 
 
 def estimate_memory(
@@ -223,11 +231,8 @@ def _meta_model(model_key: tuple):
     model = build_model(_config(key), device="meta")
     model.set_dtype(parse_dtype(dtype), parse_dtype(vae_dtype))
     if weights_dtype is not None:
-        try:
-            from .models.weight_storage import store_weights_8bit
-        except ImportError:
-            raise ValueError(f"weights_dtype={weights_dtype!r}: this build has no 8-bit weight storage") from None
-        store_weights_8bit(model.model.diffusion_model, weights_dtype)
+        # The fp8 probe needs real memory: run it on the CPU (a GPU without fp8 is refused when the model loads).
+        store_weights_8bit(model.model.diffusion_model, weights_dtype, device="cpu")
     return model
 
 
@@ -254,11 +259,7 @@ def _part_bytes(model_key: tuple) -> dict[str, int]:
 def _unet_trace(model_key: tuple, ff_chunk_size, ff_chunk_budget, batch: int, device_type: str) -> int:
     """Peak live bytes of one apply_model call on a window of T frames at `batch`, its float32 inputs aside."""
     model = _meta_model(model_key)
-    chunked = ff_chunk_size is not None or ff_chunk_budget is not None
-    if chunked and not hasattr(model, "set_ff_chunk_size"):
-        raise ValueError("ff_chunk_size: this build has no feed-forward chunking")
-    if hasattr(model, "set_ff_chunk_size"):
-        model.set_ff_chunk_size(tokens=ff_chunk_size, budget_bytes=ff_chunk_budget)
+    model.set_ff_chunk_size(tokens=ff_chunk_size, budget_bytes=ff_chunk_budget)
     p = model.config.model.params
     h, w = model.image_size
     T = model.temporal_length
@@ -275,8 +276,7 @@ def _unet_trace(model_key: tuple, ff_chunk_size, ff_chunk_budget, batch: int, de
         with torch.no_grad(), MemoryTrace(device_type) as trace:
             model.apply_model(x, t, cond, fs=t)
     finally:
-        if hasattr(model, "set_ff_chunk_size"):
-            model.set_ff_chunk_size()
+        model.set_ff_chunk_size()  # the cached meta model serves other traces
     return trace.peak
 
 

@@ -1,9 +1,10 @@
 """The performance options of the app and the CLI: one list of names, allowed values and environment forms.
 
-app.py and `python -m dc_app` both add these options with `add_performance_options`, and hand the parsed values
-to `dc_app.loading.load_for_serving` (model set-up) and `dc_app.service.Service` (per-request defaults) through
-`model_options` / `service_options`, so the two front-ends cannot drift apart. This module imports no torch:
-`--help` answers at once.
+app.py and `python -m dc_app` both add these options with `add_performance_options`, settle them with
+`settle_performance_options` (an option not given takes the --low-vram preset's value, else its default), and
+hand them to `dc_app.loading.load_for_serving` (model set-up) and `dc_app.service.Service` (per-request defaults)
+through `model_options` / `service_options`, so the two front-ends cannot drift apart. This module imports no
+torch (only --low-vram asks torch what the device supports): `--help` answers at once.
 """
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .models.token_chunking import TokenChunking, parse_token_chunking
+
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 OFFLOAD_MODES = ("none", "encoders", "all")
 CFG_MODES = ("batched", "two-call")
+WEIGHT_STORAGE_NAMES = ("fp8", "int8")  # 8-bit UNet weights (dc_app.models.weight_storage)
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -81,7 +85,25 @@ PERFORMANCE_OPTIONS = (
            metavar="{" + ",".join(CFG_MODES) + "}"),
     Option("--compile", "DC_APP_COMPILE", on_off, False,
            "torch.compile the UNet (off by default: the first request then compiles for minutes)", switch=True),
+    Option("--ff-chunk-size", "DC_APP_FF_CHUNK_SIZE", parse_token_chunking, None,
+           "run the UNet's transformer blocks and feed-forwards over at most N tokens at once, or within a memory "
+           "budget such as 64MiB; same result, a much lower peak (default: all tokens at once)", metavar="N|SIZE"),
+    Option("--weights-dtype", "DC_APP_WEIGHTS_DTYPE", one_of(WEIGHT_STORAGE_NAMES), None,
+           "store the UNet's Linear and conv weights in 8 bits (int8 or fp8, a scale per output channel), "
+           "upcast layer by layer to --dtype when used: about half the UNet's memory of fp16 (default: as --dtype)",
+           metavar="{" + ",".join(WEIGHT_STORAGE_NAMES) + "}"),
+    Option("--low-vram", "DC_APP_LOW_VRAM", on_off, False,
+           "the low-memory preset for 8-12 GB GPUs: --dtype bf16 (fp16 where the GPU lacks bf16), --offload all, "
+           "--decode-chunk-size 1 (a temporal decoder keeps its own), --ff-chunk-size 4096, --weights-dtype int8, "
+           "--cfg-mode two-call; an option given explicitly overrides its value", switch=True),
 )
+
+# --low-vram's values. dtype "half" is settled per device (bf16 where supported, else fp16); decode_chunk_size
+# is left out for a temporal decoder (ToonCrafter), which decodes its own chunk of frames whatever is asked.
+LOW_VRAM_FF_TOKENS = 4096
+LOW_VRAM_PRESET = dict(dtype="half", offload="all", decode_chunk_size=1,
+                       ff_chunk_size=TokenChunking(tokens=LOW_VRAM_FF_TOKENS), weights_dtype="int8",
+                       cfg_mode="two-call")
 
 
 def add_performance_options(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
@@ -92,7 +114,8 @@ def add_performance_options(parser: argparse.ArgumentParser, env: Mapping[str, s
     parsing, which checks the command line and the environment alike and names both forms.
     """
     for o in PERFORMANCE_OPTIONS:
-        default = o.default if env is None else (env.get(o.env) or o.default)
+        # None marks "not given": settle_performance_options then picks the preset's value or the default.
+        default = None if env is None else (env.get(o.env) or None)
         shown = f" (environment: {o.env})" if env is not None else ""
         if o.switch:
             # --no-compile too: it overrides DC_APP_COMPILE=1 for one start.
@@ -115,6 +138,54 @@ def check_performance_options(parser: argparse.ArgumentParser, args: argparse.Na
             parser.error(f"{o.flag}/{o.env}: {err}")
 
 
+def settle_performance_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Give every option that was not given (None) the --low-vram preset's value when the preset is on, else its
+    default, in place. `args.preset_options` lists the options the preset set, for the log and the report.
+    Settling twice changes nothing (argparse's subcommands hand their settled result to the main parser)."""
+    if hasattr(args, "preset_options"):
+        return args
+    preset = low_vram_preset(getattr(args, "model", None), getattr(args, "device", None)) \
+        if getattr(args, "low_vram", None) else {}
+    from_preset = []
+    for o in PERFORMANCE_OPTIONS:
+        if getattr(args, o.dest) is not None:
+            continue
+        if o.dest in preset:
+            setattr(args, o.dest, preset[o.dest])
+            from_preset.append(o.dest)
+        else:
+            setattr(args, o.dest, o.default)
+    args.preset_options = tuple(from_preset)
+    return args
+
+
+def low_vram_preset(model: str | None, device: str | None) -> dict:
+    """LOW_VRAM_PRESET settled for a model and a device (None: the default device)."""
+    values = dict(LOW_VRAM_PRESET, dtype=half_precision(device))
+    if model is not None and _temporal_decoder(model):
+        del values["decode_chunk_size"]
+    return values
+
+
+def half_precision(device: str | None) -> str:
+    """bf16 where the device computes in it (any CPU; Ampere and newer GPUs), else fp16."""
+    import torch
+
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def _temporal_decoder(model: str) -> bool:
+    from .loading.spec import load_model_config, model_spec
+
+    try:
+        return model_spec(load_model_config(model)).temporal_decoder
+    except (FileNotFoundError, ValueError):
+        return False  # an unknown model is refused later, with its own message
+
+
 def _argparse_type(o: Option) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
@@ -127,7 +198,8 @@ def _argparse_type(o: Option) -> Callable[[str], Any]:
 
 def model_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of `dc_app.loading.load_for_serving` from parsed options."""
-    return dict(dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload, compile=args.compile)
+    return dict(dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload, compile=args.compile,
+                weights_dtype=args.weights_dtype, ff_chunk_size=args.ff_chunk_size)
 
 
 def service_options(args: argparse.Namespace) -> dict:
@@ -138,6 +210,12 @@ def service_options(args: argparse.Namespace) -> dict:
 def describe(args: argparse.Namespace) -> str:
     """The set-up in a few words, for the start-up log."""
     words = [args.dtype or "fp32", f"VAE {args.vae_dtype}", f"CFG {args.cfg_mode}"]
+    if getattr(args, "low_vram", False):
+        words.insert(0, "low-vram preset")
+    if args.weights_dtype is not None:
+        words.append(f"UNet weights {args.weights_dtype}")
+    if args.ff_chunk_size is not None:
+        words.append(f"transformer chunks: {args.ff_chunk_size}")
     if args.offload != "none":
         words.append(f"offload {args.offload}")
     if args.decode_chunk_size is not None:

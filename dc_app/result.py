@@ -77,6 +77,7 @@ class GenerationResult:
     model_name: str
     outcomes: tuple[SamplerOutcome, ...]
     schedule_notes: tuple[str, ...] = ()   # what the spacing did to the step count, what fixed repaired
+    memory_notes: tuple[str, ...] = ()     # the memory estimate against the device, and a warning if at risk
 
     @property
     def main(self) -> SamplerOutcome:
@@ -105,6 +106,7 @@ class GenerationResult:
         """The plain-words report: one line per sampler, the schedule notes, the settings, the notices."""
         lines = [o.line() for o in self.outcomes]
         lines.extend(self.schedule_notes)
+        lines.extend(self.memory_notes)
         lines.extend(notice for o in self.outcomes for notice in o.notices)
         lines.append(self.settings_line())
         lines.extend(self.settings.notices)

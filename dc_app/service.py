@@ -25,6 +25,9 @@ from .loading.spec import UPSTREAM_SPACINGS, ModelSpec, model_spec
 from .faults import FaultPlan
 from .images import open_image, prepare_image
 from .loading import dtype_name, offload_mode
+from .memory_estimate import free_memory
+from .memory_fit import DOES_NOT_FIT, MemoryFit, MemorySetup, check_fit, held_bytes
+from .models.weight_storage import weight_storage_kind
 from .loading.background import ModelLoader
 from .options import CFG_MODES
 from .pipeline import SynthesisResult, image_video, keyframe_video, run_synthesis
@@ -50,6 +53,10 @@ class Cancelled(UserFacingError):
 
 class OutOfMemory(UserFacingError):
     """The device (or the host) ran out of memory; the message suggests what to change."""
+
+
+class NotEnoughMemory(OutOfMemory):
+    """Refused before running: even the low end of the memory estimate exceeds what the device has."""
 
 
 class RunFailed(UserFacingError):
@@ -130,6 +137,7 @@ class Service:
         self.fps = int(fps or self.defaults.video_fps)
         self._lock = threading.Lock()
         self._stage = "starting"  # what the running job is doing, for error messages (one job at a time)
+        self._job_memory: MemoryFit | None = None  # the running job's memory estimate, for its sidecars
         h, w = model.image_size
         self.frame_size = (8 * h, 8 * w)  # pixels: the VAE downsamples by 8
         self.frames = int(model.temporal_length)
@@ -339,13 +347,18 @@ class Service:
         try:
             self._stage = "starting"
             self.store.sweep()
+            self._job_memory = fit = self.memory_fit(settings)  # after the previous job let go of its memory
+            if fit is not None and fit.verdict == DOES_NOT_FIT:
+                raise NotEnoughMemory(fit.refusal())
             outcomes = []
             for k, (name, spacing) in enumerate(runs):
                 label = f"{name} sampler" + (f" ({k + 1} of {len(runs)})" if len(runs) > 1 else "")
                 outcomes.append(self._run_one(settings, videos, name, spacing, seed, progress, cancel, label, interp,
                                               loop, written, board))
+            memory = () if fit is None else tuple(line for line in (fit.line(), fit.warning()) if line)
             return GenerationResult(settings=settings, seed=seed, model_name=self.model_name,
-                                    outcomes=tuple(outcomes), schedule_notes=self._schedule_notes(settings, outcomes))
+                                    outcomes=tuple(outcomes), schedule_notes=self._schedule_notes(settings, outcomes),
+                                    memory_notes=memory)
         except Exception as err:
             # A request that fails leaves nothing: not half a compare, not a sidecar without its video.
             for p in written:
@@ -422,8 +435,9 @@ class Service:
         except (torch.OutOfMemoryError, MemoryError):
             raise OutOfMemory(
                 f"out of memory on {model.device.type} at step {step_now[0]} of the {self.model_name} model: "
-                f"try VAE per-frame decode, fewer steps, half precision (--dtype fp16), --offload encoders, "
-                f"--cfg-mode two-call or a smaller model (512 or 256)"
+                f"start with --low-vram (or one of its parts: --dtype bf16, --weights-dtype int8, --ff-chunk-size "
+                f"4096, --offload all, --cfg-mode two-call), turn on VAE per-frame decode, ask fewer frames, or "
+                f"use a smaller model (512 or 256); fewer steps do not lower the peak"
             ) from None
         except Cancelled:
             log.info("%s: cancelled at step %d", label, step_now[0])
@@ -460,6 +474,43 @@ class Service:
             timesteps=timesteps, nan_step=None if nf is None else int(nf["step"]) + 1,
             nan_timestep=None if nf is None else int(nf["timestep"]), black_share=black_share,
             notices=tuple(result.notices))
+
+    # ------------------------------------------------------------------------------------------ memory
+    def memory_setup(self, settings: GenerationSettings) -> MemorySetup:
+        """What the memory estimate needs: the loaded model's options, the service's, the request's."""
+        model = self.model
+        return MemorySetup(model=model.config, frames=settings.frames, dtype=dtype_name(model.dtype),
+                           vae_dtype=dtype_name(model.vae_dtype),
+                           weights_dtype=weight_storage_kind(model.model.diffusion_model),
+                           ff_chunking=model.ff_chunking, cfg_mode=self.cfg_mode,
+                           decode_chunk_size=self._decode_chunk(settings), offload=offload_mode(model),
+                           device_type=model.device.type)
+
+    def memory_fit(self, settings: GenerationSettings) -> MemoryFit | None:
+        """The memory estimate of a request against the device's free memory; None where there is none to
+        make (a device other than a GPU or the CPU), or when the estimate itself fails: that is logged and the
+        run goes ahead, as it did before estimates existed."""
+        device = self.model.device
+        if device.type not in ("cuda", "cpu"):
+            return None
+        try:
+            return check_fit(self.memory_setup(settings), free_memory(device), held_bytes(self.model))
+        except Exception:
+            log.exception("the memory estimate failed; running without it")
+            return None
+
+    def memory_line(self, endpoint: str = "generate", frames=None, perframe_ae=None) -> str:
+        """The UI's line next to Generate for these settings (defaults for what is not given)."""
+        if self.model_status[0] != "ready":
+            return "Memory: estimated once the model has loaded."
+        taken = {f.name for f in fields_of(endpoint)}
+        values = {k: v for k, v in (("frames", frames), ("perframe_ae", perframe_ae)) if v is not None and k in taken}
+        try:
+            settings = self.settings_for(values, endpoint)
+        except InputError as err:
+            return str(err)
+        fit = self.memory_fit(settings)
+        return fit.line() if fit is not None else ""
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -498,6 +549,14 @@ class Service:
                          f"0..{self.model.num_timesteps - 1}; it ran {', '.join(map(str, replaced))} instead")
         return tuple(notes)
 
+    def _memory_record(self) -> dict | None:
+        fit = getattr(self, "_job_memory", None)
+        if fit is None:
+            return None
+        low, high = fit.estimate.total
+        return {"low_bytes": low, "high_bytes": high, "peak_phase": fit.estimate.peak_phase,
+                "available_bytes": fit.available, "verdict": fit.verdict}
+
     def _sidecar(self, settings: GenerationSettings, seed: int, outcome: SamplerOutcome, decode_chunk: int,
                  interp: bool, loop: bool, long_video: dict | None = None) -> dict:
         record = {
@@ -519,6 +578,9 @@ class Service:
             "offload": offload_mode(self.model),
             "decode_chunk_size": decode_chunk,
             "cfg_mode": self.cfg_mode,
+            "weights_dtype": weight_storage_kind(self.model.model.diffusion_model),
+            "ff_chunk_size": None if self.model.ff_chunking is None else str(self.model.ff_chunking),
+            "memory_estimate": self._memory_record(),
             "ddim_timesteps": list(outcome.timesteps),
             "report": outcome.line(),
             "notices": list(settings.notices + outcome.notices),

@@ -15,6 +15,7 @@ from .ui_handlers import (
     frames_cost,
     model_banner,
     random_seed,
+    ui_memory,
     ui_model_status,
     ui_run,
     ui_schedule,
@@ -192,6 +193,11 @@ def _tab(service: Service, rule, interp: bool) -> gr.Blocks:
                 run_btn = gr.Button("Interpolate" if interp else "Generate", variant="primary",
                                     elem_id="interpolate" if interp else "generate")
                 cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}cancel")
+            # Will it fit: the estimate against the device's free memory, for the settings on the page.
+            s["memory"] = gr.Markdown(elem_id=f"{prefix}memory")
+            s["memory_inputs"] = [s[name] for name in ("frames", "perframe_ae") if name in s]
+            gr.on([c.change for c in s["memory_inputs"]], ui_memory(service, endpoint), inputs=s["memory_inputs"],
+                  outputs=s["memory"], queue=False, api_visibility="private", show_progress="hidden")
         with gr.Column():
             with gr.Row():
                 with gr.Column(visible=False, min_width=160) as stock_column:
@@ -300,6 +306,10 @@ def build_demo(service: Service) -> gr.Blocks:
               inputs=[s["steps"], s["eta"], s["timestep_spacing"], s["sampler"]],
               outputs=[model_status, status_timer, plot, plot_note], queue=False, api_visibility="private",
               show_progress="hidden")
+        for interp, (c, _, _) in drawn.items():  # the memory lines: at load, and once the model is there
+            gr.on([demo.load, status_timer.tick], ui_memory(service, "interpolate" if interp else "generate"),
+                  inputs=c["memory_inputs"], outputs=c["memory"], queue=False, api_visibility="private",
+                  show_progress="hidden")
 
         for name, fn in api_functions(service, rule).items():
             gr.api(fn, api_name=name, concurrency_id=CONCURRENCY_ID)

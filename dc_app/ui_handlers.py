@@ -356,6 +356,16 @@ def frames_cost(service: Service) -> Callable:
     return cost
 
 
+def ui_memory(service: Service, endpoint: str) -> Callable:
+    """The line next to Generate: the memory the run would need against what the device has free."""
+    names = [name for name in ("frames", "perframe_ae") if name in {f.name for f in fields_of(endpoint)}]
+
+    def line(*values) -> str:
+        return service.memory_line(endpoint, **dict(zip(names, values)))
+
+    return line
+
+
 def model_banner(state: str, status: str) -> str:
     """The model-status banner for `Service.model_status`: empty (hidden) once the model is ready."""
     if state == "ready":

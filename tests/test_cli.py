@@ -233,3 +233,80 @@ def test_extend_from_the_command_line(tmp_path):
                  "--frames", "4"]) == 0
     assert iio.imread(out).shape == (7, 64, 64, 3)
     assert json.loads(out.with_suffix(".json").read_text())["extend"]["joined_frames"] == 7
+
+
+# ------------------------------------------------------------------------------------- the --low-vram preset
+# The preset as the issue lists it (not read from dc_app.options): half precision, encoders and VAE offloaded,
+# VAE decode one frame at a time, feed-forward chunking, 8-bit UNet weights, two-call CFG.
+LOW_VRAM = dict(dtype="bf16", offload="all", decode_chunk_size=1, weights_dtype="int8", cfg_mode="two-call")
+GENERATE = ["generate", "--image", "a.png", "--out", "a.mp4"]
+
+
+def settled(args) -> dict:
+    return {k: getattr(args, k) for k in LOW_VRAM}
+
+
+def test_low_vram_sets_every_option_of_the_preset():
+    args = build_parser().parse_args([*GENERATE, "--low-vram"])
+    assert settled(args) == LOW_VRAM and args.vae_dtype == "fp32"  # an fp16 VAE is what blackens videos
+    assert args.ff_chunk_size.tokens == 4096
+    assert set(args.preset_options) == {*LOW_VRAM, "ff_chunk_size"}
+
+
+def test_an_explicit_option_overrides_the_preset():
+    args = build_parser().parse_args([*GENERATE, "--low-vram", "--cfg-mode", "batched", "--dtype", "fp32",
+                                      "--ff-chunk-size", "64MiB", "--offload", "none"])
+    assert (args.cfg_mode, args.dtype, args.offload) == ("batched", "fp32", "none")
+    assert args.ff_chunk_size.budget_bytes == 64 * 2**20
+    assert (args.decode_chunk_size, args.weights_dtype) == (1, "int8")
+    assert set(args.preset_options) == {"decode_chunk_size", "weights_dtype"}
+
+
+def test_without_the_preset_nothing_changes():
+    args = build_parser().parse_args([*GENERATE, "--no-low-vram"])
+    assert settled(args) == dict(dtype=None, offload="none", decode_chunk_size=None, weights_dtype=None,
+                                 cfg_mode="batched")
+    assert args.ff_chunk_size is None and args.preset_options == ()
+
+
+def test_low_vram_leaves_a_temporal_decoder_its_own_chunk():
+    args = build_parser().parse_args([*GENERATE, "--low-vram", "--model", "tooncrafter_tiny"])
+    assert args.decode_chunk_size is None and "decode_chunk_size" not in args.preset_options
+    assert args.weights_dtype == "int8"
+
+
+def test_low_vram_picks_fp16_on_a_gpu_without_bf16(monkeypatch):
+    import torch
+
+    from dc_app.options import half_precision
+
+    assert half_precision("cpu") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert half_precision("cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert half_precision("cuda:0") == "bf16"
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--ff-chunk-size", "0", "expected a number of tokens (e.g. 4096) or a memory budget (e.g. 64MiB, 0.5GB), "
+                             "got '0'"),
+    ("--weights-dtype", "int4", "expected one of fp8, int8, got 'int4'"),
+])
+def test_bad_low_memory_values_are_refused_naming_the_option(flag, value, allowed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*GENERATE, flag, value])
+    assert exit_.value.code == 2
+    assert f"error: argument {flag}: {allowed}" in capsys.readouterr().err
+
+
+def test_low_vram_makes_a_playable_video_and_records_its_settings(tmp_path):
+    out = tmp_path / "lean.mp4"
+    assert main(["generate", "--model", "tiny", "--image", str(ASSETS / "chelsea.jpg"), "--out", str(out),
+                 "--steps", "2", "--seed", "4", "--low-vram", "--device", "cpu"]) == 0
+    frames = read_video(out)
+    assert frames.shape == (TINY_FRAMES, *TINY_SIZE, 3) and frames.std() > 1.0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    expected = dict(dtype="bf16", vae_dtype="fp32", offload="all", decode_chunk_size=1, cfg_mode="two-call",
+                    weights_dtype="int8", ff_chunk_size="4096 tokens")
+    assert {k: meta[k] for k in expected} == expected
+    assert meta["memory_estimate"]["verdict"] == "fits"

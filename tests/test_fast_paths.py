@@ -347,7 +347,7 @@ def test_chunking_by_memory_budget(chunked_model, monkeypatch):
         chunked_model.set_ff_chunk_size(budget_bytes=40 * 1024)
         rows = RecordFeedForwardRows(chunked_model, monkeypatch)
         chunked = chunked_model.apply_model(x, t, cond, fs=fs)
-    assert str(chunked_model.ff_chunking) == "0.0390625 MiB of feed-forward temporaries"
+    assert str(chunked_model.ff_chunking) == "0.0390625 MiB budget"
     assert max(rows.ff_tokens) <= 10 * 64 // 32  # the narrowest block (32 channels) gets 2x the tokens
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 

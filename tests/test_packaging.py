@@ -283,7 +283,7 @@ def test_readme_cli_commands_parse():
     from dc_app.__main__ import build_parser
 
     commands = readme_commands("python -m dc_app")
-    assert {words[3] for words in commands} == {"generate", "batch"}
+    assert {words[3] for words in commands} == {"generate", "batch", "estimate"}
     for words in commands:
         build_parser().parse_args(words[3:])  # exits (fails the test) on an unknown flag or bad value
     documented = set(re.findall(r"`(--[\w-]+)", readme_section("Command line")))
@@ -299,7 +299,8 @@ def test_readme_cli_commands_parse():
 # The performance options and their environment forms, as the issue names them (not read from dc_app.options).
 PERFORMANCE_FLAGS = {"--dtype": "DC_APP_DTYPE", "--vae-dtype": "DC_APP_VAE_DTYPE", "--offload": "DC_APP_OFFLOAD",
                      "--decode-chunk-size": "DC_APP_DECODE_CHUNK_SIZE", "--cfg-mode": "DC_APP_CFG_MODE",
-                     "--compile": "DC_APP_COMPILE"}
+                     "--compile": "DC_APP_COMPILE", "--ff-chunk-size": "DC_APP_FF_CHUNK_SIZE",
+                     "--weights-dtype": "DC_APP_WEIGHTS_DTYPE", "--low-vram": "DC_APP_LOW_VRAM"}
 
 
 def cli_help(command: str) -> str:
@@ -334,10 +335,13 @@ def test_readme_documents_every_performance_option_for_app_cli_and_environment()
         # Where app.py lists allowed values, the README's table lists the same ones, default first.
         choices = re.search(rf"{re.escape(flag)} {{([\w,-]+)}}", app_help)
         if choices:
-            documented = re.findall(r"`([\w-]+)`", values)
+            documented = [v for v in re.findall(r"`([\w-]+)`", values) if not v.startswith("--")]
             assert set(documented) == set(choices.group(1).split(",")), (flag, documented)
-            default = defaults[flag[2:].replace("-", "_")] or "fp32"  # --dtype's None keeps float32
-            assert documented[0] == default, (flag, documented)
+            default = defaults[flag[2:].replace("-", "_")]
+            if flag == "--dtype":
+                default = default or "fp32"  # None keeps float32
+            if default is not None:  # (--weights-dtype's None: "as --dtype", in words before the values)
+                assert documented[0] == default, (flag, documented)
 
 
 def test_readme_and_dockerfile_say_where_results_go_and_for_how_long(tmp_path):
@@ -472,6 +476,7 @@ def test_dev_requirements_cover_the_test_imports():
     assert {"pytest", "gradio-client", "playwright"} <= listed
     required, _ = imported_modules(python_sources("tests"))
     local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"dc_app", "app", "__future__", "tests"}
+    local |= {p.stem for p in (ROOT / "benchmarks").glob("*.py")}  # tests reuse the benchmarks' model builder
     third_party = required - set(sys.stdlib_module_names) - local
     missing = {m for m in third_party if not distributions_of(m) & listed}
     assert not missing, f"tests import {sorted(missing)}, which no requirements file installs"

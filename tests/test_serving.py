@@ -78,7 +78,8 @@ def test_app_applies_the_environment_forms(tmp_path):
     """The app started with DC_APP_* only: the model and the service it builds use every one of them."""
     app = start_app(tmp_path, via_env=True, extra_env={
         "DC_APP_DTYPE": "bf16", "DC_APP_VAE_DTYPE": "bf16", "DC_APP_OFFLOAD": "all",
-        "DC_APP_DECODE_CHUNK_SIZE": "2", "DC_APP_CFG_MODE": "two-call", "DC_APP_COMPILE": "no"})
+        "DC_APP_DECODE_CHUNK_SIZE": "2", "DC_APP_CFG_MODE": "two-call", "DC_APP_COMPILE": "no",
+        "DC_APP_FF_CHUNK_SIZE": "64MiB", "DC_APP_WEIGHTS_DTYPE": "int8"})
     try:
         video, report, seed = Client(app.url, verbose=False).predict(handle_file(IMAGE), steps=1, seed=6,
                                                                      api_name="/generate")
@@ -86,9 +87,11 @@ def test_app_applies_the_environment_forms(tmp_path):
         (sidecar,) = app.results_dir.glob("*.json")
         record = json.loads(sidecar.read_text())
         expected = {"dtype": "bf16", "vae_dtype": "bf16", "offload": "all", "decode_chunk_size": 2,
-                    "cfg_mode": "two-call", "perframe_ae": False}
+                    "cfg_mode": "two-call", "perframe_ae": False, "weights_dtype": "int8",
+                    "ff_chunk_size": "64 MiB budget"}
         assert {k: record[k] for k in expected} == expected
-        assert "bf16, VAE bf16, CFG two-call, offload all, decode 2 frames at a time" in app.log()
+        assert ("bf16, VAE bf16, CFG two-call, UNet weights int8, transformer chunks: 64 MiB budget, offload all, "
+                "decode 2 frames at a time") in app.log()
     finally:
         stop_app(app)
 
@@ -112,6 +115,33 @@ def test_dtype_applies_to_the_networks_and_not_to_the_vae_or_the_schedule():
     plain = load_for_serving("tiny", device="cpu")
     for name in (*NETWORKS, "first_stage_model"):
         assert param_dtypes(getattr(plain, name)) == {torch.float32}, name
+
+
+def test_8bit_weights_and_chunking_are_set_up_and_stay_close_to_the_plain_model():
+    from dc_app.models.weight_storage import weight_storage_kind
+
+    plain = load_for_serving("tiny", device="cpu", dtype="bf16")
+    lean = load_for_serving("tiny", device="cpu", dtype="bf16", weights_dtype="int8", ff_chunk_size="64")
+    assert weight_storage_kind(lean.model.diffusion_model) == "int8" and str(lean.ff_chunking) == "64 tokens"
+    # Only the UNet is stored in 8 bits; the encoders and the VAE keep their dtypes.
+    assert weight_storage_kind(lean) == weight_storage_kind(lean.model) == "int8"
+    for name in ("cond_stage_model", "embedder", "image_proj_model", "first_stage_model"):
+        assert weight_storage_kind(getattr(lean, name)) is None, name
+    assert lean.dtype == torch.bfloat16
+    expected, got = synthesize(plain, seed=3), synthesize(lean, seed=3)
+    assert torch.isfinite(got).all()
+    # int8 storage's documented error (docs/low-memory.md, bf16 compute; test_weight_storage.py's bound).
+    assert ((got - expected).norm() / expected.norm()).item() < 0.15
+
+
+def test_fp8_where_torch_lacks_it_stops_before_loading(monkeypatch):
+    from dc_app.loading import build
+    from dc_app.models.weight_storage import WeightStorageUnsupported
+
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("loaded before checking"))
+    with pytest.raises(WeightStorageUnsupported, match=r"--weights-dtype int8"):
+        load_for_serving("tiny", device="cpu", weights_dtype="fp8")
 
 
 @pytest.mark.parametrize("offload, kept", [("encoders", ENCODERS), ("all", ENCODERS | {"first_stage_model"})])

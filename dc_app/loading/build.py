@@ -9,6 +9,8 @@ from omegaconf import DictConfig
 
 from .checkpoints import check_keys, read_checkpoint, resolve_checkpoint
 from .spec import load_model_config, model_spec
+from ..models.token_chunking import parse_token_chunking
+from ..models.weight_storage import check_weight_storage, store_weights_8bit
 from ..options import OFFLOAD_MODES
 
 TORCH_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -96,6 +98,8 @@ def load_for_serving(
     offload: str = "none",
     compile: bool = False,
     checkpoint: Union[str, Path, None] = None,
+    weights_dtype: str | None = None,
+    ff_chunk_size=None,
 ):
     """The model as app.py and `python -m dc_app` serve it, every performance option applied here and only here.
 
@@ -103,13 +107,24 @@ def load_for_serving(
     known cause of black videos). The schedule buffers stay float32 whatever the precision.
     `offload`: "none"; "encoders" keeps the text and image encoders in CPU RAM, on the device only while they run
     (once per request); "all" does the same with the VAE. `compile`: torch.compile the UNet.
+    `weights_dtype`: "fp8" or "int8" stores the UNet's Linear and conv weights in 8 bits, upcast per layer to
+    `dtype` at use (None: as `dtype`). `ff_chunk_size`: a TokenChunking, or its text ("4096", "64MiB"): the UNet's
+    transformer blocks run over chunks of tokens (None: all at once).
     """
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload {offload!r}: expected one of {', '.join(OFFLOAD_MODES)}")
     device = torch.device(device) if device is not None else default_device()
     # Cast on the CPU, then move: the device never holds a float32 copy of half-precision weights, and the
     # offloaded parts never reach it at all (the load's peak is then the serving peak, not above it).
+    if weights_dtype is not None:
+        check_weight_storage(weights_dtype, device)  # before the minutes of loading, not after
     model = load_pretrained(name, device="cpu", dtype=dtype, checkpoint=checkpoint, vae_dtype=vae_dtype)
+    if weights_dtype is not None:
+        # On the CPU, layer by layer: the device only ever receives the 8-bit weights.
+        store_weights_8bit(model.model.diffusion_model, weights_dtype)
+    if ff_chunk_size is not None:
+        chunking = parse_token_chunking(ff_chunk_size)
+        model.set_ff_chunk_size(tokens=chunking.tokens, budget_bytes=chunking.budget_bytes)
     if offload != "none":
         model.enable_offload(vae=offload == "all")
     _place(model, device, keep_on_cpu=model.offloaded)

@@ -66,6 +66,7 @@ class ModelSpec:
     latent_size: tuple[int, int]  # (h, w) of the latent; the video is 8x that
     frames: int                  # the frame count the model was trained on
     defaults: ModelDefaults
+    temporal_decoder: bool = False  # the VAE decodes `frames` frames together (ToonCrafter's dual-reference one)
 
     @property
     def random_weights(self) -> bool:
@@ -149,6 +150,8 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
         latent_size=tuple(int(s) for s in p.image_size),
         frames=frames,
         defaults=defaults,
+        # The class name ending upstream's import path (dc_app.models.diffusion.FIRST_STAGE_CLASSES).
+        temporal_decoder=str(p.first_stage_config.get("target") or "").endswith("AutoencoderKL_Dualref"),
     )
 
 

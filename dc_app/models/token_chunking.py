@@ -47,7 +47,7 @@ class TokenChunking:
     def __str__(self) -> str:
         if self.tokens is not None:
             return f"{self.tokens} tokens"
-        return f"{self.budget_bytes / 2**20:g} MiB of feed-forward temporaries"
+        return f"{self.budget_bytes / 2**20:g} MiB budget"
 
 
 def parse_token_chunking(value) -> TokenChunking:

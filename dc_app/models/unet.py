@@ -331,8 +331,9 @@ class UNetModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the UNet computes in: that of its weights."""
-        return self.time_embed[0].weight.dtype
+        """The dtype the UNet computes in: that of its weights (read from a bias: an 8-bit stored weight would be
+        rebuilt just to be asked its dtype)."""
+        return self.time_embed[0].bias.dtype
 
     @staticmethod
     def _per_sample(

@@ -161,3 +161,8 @@ def _device_of(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
     return torch.device("cpu")
+
+
+def weight_storage_kind(module: nn.Module) -> str | None:
+    """"fp8" or "int8" when store_weights_8bit stored `module`'s weights (say, the UNet), else None."""
+    return next((kind for kind in map(weight_storage_of, module.modules()) if kind is not None), None)
