@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from _common import DTYPES, current_rss, describe_device, model_config, random_model, unet_inputs
-from dc_app.memory_estimate import estimate_memory
+from dc_app.memory_estimate import estimate_memory, weight_bytes
 
 MiB = 2**20
 # The CPU variants: (name, dtype, feed-forward chunk in tokens or None, 8-bit weights or None).
@@ -130,15 +130,19 @@ def run_cpu(args) -> None:
         r = results[name]
         e = estimate_for(cfg, variant, batch, frames)
         if args.real_width:
-            measured, low, high = r["from_build"], e.weights + e.unet_activations[0], e.weights + e.unet_activations[1]
-            what = "weights + activations"
+            # The child builds the UNet only: its weights (8-bit where asked) + one forward's activations.
+            unet = weight_bytes(cfg, dtype=variant[1], weights_dtype=variant[3])["model"]
+            measured, low, high = r["from_build"], unet + e.unet_activations[0], unet + e.unet_activations[1]
+            what = "UNet weights + activations"
         else:
             measured, (low, high) = r["increment"], e.unet_activations
             what = "activations"
         ratio = f", ratio vs {variants[0][0]} {measured / base['increment']:.3f}" if base and not args.real_width else ""
-        diff = (outputs[name] - outputs[variants[0][0]]).abs().max().item() if variants[0][0] in outputs else float("nan")
+        diff = ""
+        if len(variants) > 1 and variants[0][0] in outputs:
+            diff = f"max |out - {variants[0][0]}| {(outputs[name] - outputs[variants[0][0]]).abs().max().item():.2e}; "
         print(f"  {name:16s} {what} {measured / MiB:8.1f} MiB{ratio}; estimate {low / MiB:.1f}-{high / MiB:.1f} MiB "
-              f"(measured / low {measured / low:.3f}); max |out - {variants[0][0]}| {diff:.2e}; "
+              f"(measured / low {measured / low:.3f}); {diff}"
               f"{r['seconds']:.1f} s CPU; finite {r['finite']}" + ("" if r["reset"] else " (peak not reset)"))
 
 

@@ -53,6 +53,10 @@ CUDA_CONTEXT_BYTES = GiB // 2
 # (benchmarks/low_memory.py, reduced width) the peak RSS increment stays within 15 % of weights + traced
 # activations; 25 % leaves room for more threads.
 CPU_ACTIVATION_MARGIN = 0.25
+# CPU, bf16: a buffer of 70-75 MiB that no op output accounts for, the same at 2 and 16 frames and with or
+# without chunking (benchmarks/low_memory.py, torch.profiler): a fixed cost of the bf16 CPU kernels, not of
+# the activations, so it is added to the high end as a constant rather than as a share.
+CPU_BF16_KERNEL_BYTES = 80 * 2**20
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,14 @@ def estimate_memory(
                      decode_chunk_size, offload, device_type)
 
 
+def weight_bytes(spec_or_cfg, *, dtype: str = "fp32", vae_dtype: str = "fp32",
+                 weights_dtype: str | None = None) -> dict[str, int]:
+    """Bytes of each part's parameters and buffers ("model" is the UNet; "schedule" the DDPM buffers), exact,
+    from a meta build with these dtypes."""
+    key = _config_key(spec_or_cfg)
+    return dict(_part_bytes((key, _dtype_key(dtype), _dtype_key(vae_dtype), weights_dtype)))
+
+
 def free_memory(device: Union[str, torch.device]) -> int:
     """Bytes free for a generation: torch.cuda.mem_get_info on a GPU; MemAvailable (/proc/meminfo) on CPU."""
     device = torch.device(device)
@@ -180,9 +192,10 @@ def _estimate(key, frames, dtype, vae_dtype, weights_dtype, ff_chunk_size, ff_ch
     batch = 2 if cfg_mode == "batched" else 1
     unet = _unet_trace(model_key, ff_chunk_size, ff_chunk_budget, batch, device_type)
     margin = CUDA_ACTIVATION_MARGIN if device_type == "cuda" else CPU_ACTIVATION_MARGIN
+    fixed = CPU_BF16_KERNEL_BYTES if device_type == "cpu" and dtype == "bf16" else 0
 
     def span(low: int) -> tuple[int, int]:
-        return low, int(low * (1 + margin))
+        return low, int(low * (1 + margin)) + fixed
 
     # Which parts are on the device in each step. Offloaded parts visit it only while they run; on CPU they
     # never leave the RAM that is being estimated.

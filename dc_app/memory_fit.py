@@ -52,7 +52,8 @@ class MemoryFit:
     free: int               # free now (GPU memory, or available RAM on a CPU)
     device_type: str
     verdict: str            # FITS | MAY_NOT_FIT | DOES_NOT_FIT
-    advice: str = ""        # DOES_NOT_FIT: what would make it fit, in words
+    frames: int             # the request's frame count, which the estimate is for
+    advice: str = ""        # what would make it fit, in words (empty when it fits)
 
     @property
     def memory(self) -> str:
@@ -65,7 +66,7 @@ class MemoryFit:
         held = self.available - self.free
         has = (f"{size(self.available)} for it ({size(self.free)} free + {size(held)} the model holds)"
                if held else f"{size(self.free)} free")
-        return f"Memory: needs about {size_span(low, high)}; {where} has {has}: {self.verdict}."
+        return f"Memory for {self.frames} frames: needs about {size_span(low, high)}; {where} has {has}: {self.verdict}."
 
     def warning(self) -> str | None:
         """MAY_NOT_FIT: the report's notice."""
@@ -90,7 +91,7 @@ def check_fit(setup: MemorySetup, free: int, held: int) -> MemoryFit:
     verdict = DOES_NOT_FIT if low > available else MAY_NOT_FIT if high > available else FITS
     # Refused: what makes the low end fit (it then runs); at risk: what makes the high end fit.
     advice = "" if verdict == FITS else _advice(setup, available, end=0 if verdict == DOES_NOT_FIT else 1)
-    return MemoryFit(estimate, available, free, setup.device_type, verdict, advice)
+    return MemoryFit(estimate, available, free, setup.device_type, verdict, setup.frames, advice)
 
 
 def held_bytes(model) -> int:

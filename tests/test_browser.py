@@ -161,11 +161,19 @@ def test_a_long_video_in_the_browser(app, browser):
     page = _open(browser, app)
     page.locator("#image input[type=file]").set_input_files(str(REPO / "assets" / "coffee.jpg"))
     page.locator("#image img").first.wait_for(timeout=30_000)
+
+    # Beside Generate: the memory estimate for the frames asked, against this machine's free RAM.
+    def fits(n: int) -> str:
+        return (f"() => /^Memory for {n} frames: needs about .* MiB; this machine has .*: fits\\.$/"
+                ".test(document.querySelector('#memory').innerText.trim())")
+
+    page.wait_for_function(fits(4), timeout=30_000)
     frames = page.locator("#frames input[type=number]")
     frames.fill("12")
     frames.press("Enter")
     page.wait_for_function("() => document.querySelector('#frames-cost').innerText.startsWith('12 frames: 9 overlapping')",
                            timeout=30_000)
+    page.wait_for_function(fits(12), timeout=30_000)  # estimated again for the new length
     steps = page.locator("#steps input[type=number]")
     steps.fill("2")
     steps.press("Enter")

@@ -131,7 +131,7 @@ def test_a_run_at_risk_runs_with_a_warning_and_records_the_estimate(tiny, image,
 def test_a_run_that_fits_reports_the_estimate(tiny, image, tmp_path):
     svc = Service(tiny, output_dir=tmp_path)
     result = svc.generate(image, steps=2, seed=1)
-    assert re.search(r"^Memory: needs about [\d.]+-[\d.]+ [MG]iB; this machine has .*: fits\.$", result.report(),
+    assert re.search(r"^Memory for 4 frames: needs about [\d.]+-[\d.]+ [MG]iB; this machine has .*: fits\.$", result.report(),
                      re.M), result.report()
     record = json.loads(result.sidecar.read_text())
     assert record["memory_estimate"]["verdict"] == FITS
@@ -141,7 +141,7 @@ def test_a_run_that_fits_reports_the_estimate(tiny, image, tmp_path):
 def test_the_ui_line_follows_frames_and_says_when_the_model_is_not_there(tiny, tmp_path, monkeypatch):
     svc = Service(tiny, output_dir=tmp_path)
     four, eight = svc.memory_line("generate", frames=4), svc.memory_line("generate", frames=8)
-    assert four.startswith("Memory: needs about") and eight.startswith("Memory: needs about")
+    assert four.startswith("Memory for 4 frames: needs about") and eight.startswith("Memory for 8 frames: needs")
     assert svc.memory_line("generate", frames=0).startswith("frames:")  # the field's own message
     monkeypatch.setattr(Service, "model_status", property(lambda self: ("loading", "reading the weights")))
     assert svc.memory_line("generate") == "Memory: estimated once the model has loaded."
@@ -154,7 +154,7 @@ def test_cli_estimate_prints_the_phases_and_the_verdict(capsys):
     assert out.startswith("tiny model, 8 frames, on cpu: fp32")
     for phase in ("encode", "denoise", "decode"):
         assert re.search(rf"^  {phase} +weights +\d+\.\d\d GiB \+ activations", out, re.M), out
-    assert re.search(r"^Memory: needs about .* GiB free: fits\.$", out, re.M), out
+    assert re.search(r"^Memory for 8 frames: needs about .* GiB free: fits\.$", out, re.M), out
 
 
 def test_cli_estimate_with_the_preset_and_a_device_too_small(capsys, monkeypatch):

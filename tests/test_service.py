@@ -307,7 +307,7 @@ def test_report_stock_nan_and_fixed_finite(tmp_path, fake, image):
     lines = report.splitlines()
     assert lines[0].startswith("stock: NaN from step 1 of 7 (t=999): video is black (")
     assert lines[1].startswith("fixed: finite (") and lines[1].endswith(" s)")
-    assert lines[2].startswith("Memory: needs about")  # the estimate against this machine
+    assert lines[2].startswith("Memory for 4 frames: needs about")  # the estimate against this machine
     assert "seed 5" in lines[3] and "7 steps (uniform_trailing)" in lines[3]
     assert iio.imread(stock).max() <= 2 and iio.imread(fixed).std() > 20
 
