@@ -18,6 +18,7 @@ their reasons. Traces are cached, so the UI can ask again on every change of fra
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,9 @@ from .memory_trace import DEVICE_TYPES, MemoryTrace
 from .models.weight_storage import store_weights_8bit
 
 GiB = 2**30
+# One estimate at a time: the traces set options on the cached meta models (the UI's line and a request's check
+# may ask together, from two threads).
+_TRACING = threading.Lock()
 CFG_MODES = ("batched", "two-call")
 OFFLOAD_MODES = ("none", "encoders", "all")  # as dc_app.options.OFFLOAD_MODES
 WEIGHTS_DTYPES = (None, "fp8", "int8")
@@ -134,8 +138,9 @@ def estimate_memory(
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: expected one of {allowed}")
     dtype, vae_dtype = _dtype_key(dtype), _dtype_key(vae_dtype)
-    return _estimate(key, frames, dtype, vae_dtype, weights_dtype, ff_chunk_size, ff_chunk_budget, cfg_mode,
-                     decode_chunk_size, offload, device_type)
+    with _TRACING:
+        return _estimate(key, frames, dtype, vae_dtype, weights_dtype, ff_chunk_size, ff_chunk_budget, cfg_mode,
+                         decode_chunk_size, offload, device_type)
 
 
 def weight_bytes(spec_or_cfg, *, dtype: str = "fp32", vae_dtype: str = "fp32",
