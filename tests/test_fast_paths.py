@@ -17,12 +17,7 @@ from dc_app.models import attention_kernel
 from dc_app.models.attention import GEGLU, BasicTransformerBlock
 from dc_app.models.attention_kernel import attention_backend, dot_product_attention
 from dc_app.models.token_chunking import TokenChunking, parse_token_chunking
-from dc_app.pipeline import run_synthesis
-
-STEPS = 10
-NOISE_SHAPE = (1, 4, 4, 8, 8)  # tiny model: b, latent channels, 4 frames, 8x8 latents (64x64 pixels)
-RUN_ARGS = dict(ddim_steps=STEPS, ddim_eta=1.0, unconditional_guidance_scale=7.5, guidance_rescale=0.7, fs=24,
-                timestep_spacing="uniform_trailing")
+from tinyruns import STEPS, injected_draws, rel_l2, synthesize, unet_inputs
 
 # Attention calls of one tiny-UNet forward with a per-frame image context: 7 spatial transformers x 3 (self,
 # text, image), 7 temporal transformers x 2 (both self), init_attn x 2.
@@ -37,26 +32,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def draws() -> dict[str, torch.Tensor]:
-    """Input video and every random draw of a run, from one seeded generator."""
-    g = torch.Generator().manual_seed(1)
-    return {
-        "video": torch.rand(1, 3, 4, 64, 64, generator=g) * 2 - 1,
-        "x_T": torch.randn(NOISE_SHAPE, generator=g),
-        "variance_noise": torch.randn(STEPS, *NOISE_SHAPE, generator=g),
-        "variance_noise_other": torch.randn(STEPS, *NOISE_SHAPE, generator=g),
-        "posterior_noise": torch.randn(4, 4, 8, 8, generator=g),
-    }
-
-
-def synthesize(model, draws, **overrides) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final latent, decoded video) of a fixed-sampler run with all noise injected."""
-    latents = []
-    args = dict(RUN_ARGS, x_T=draws["x_T"], variance_noise=draws["variance_noise"],
-                posterior_noise=draws["posterior_noise"], callback=lambda i, n, x, p: latents.append(x.clone()))
-    args.update(overrides)
-    result = run_synthesis(model, "fixed", ["a cat playing piano"], draws["video"], NOISE_SHAPE, **args)
-    assert len(latents) == STEPS
-    return latents[-1], result.videos
+    return injected_draws()
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +42,6 @@ def reference(model, draws) -> tuple[torch.Tensor, torch.Tensor]:
         latent, video = synthesize(model, draws)
     assert torch.isfinite(video).all()
     return latent, video
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected).norm() / expected.norm()).item()
 
 
 class CountSDPA:
@@ -84,15 +56,6 @@ class CountSDPA:
             return original(q, *args, **kwargs)
 
         monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
-
-
-def unet_inputs(batch: int = 2) -> tuple:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, 4, 4, 8, 8, generator=g)
-    concat = torch.randn(batch, 4, 4, 8, 8, generator=g)
-    context = torch.randn(batch, 77 + 16 * 4, 64, generator=g)  # text + 16 image tokens per frame
-    cond = {"c_concat": [concat], "c_crossattn": [context]}
-    return x, torch.tensor([999, 400][:batch]), cond, torch.tensor([24, 10][:batch])
 
 
 # ------------------------------------------------------------------------------------- SDPA vs plain math

@@ -22,17 +22,12 @@ from dc_app.models.weight_storage import (
     store_weights_8bit,
     weight_storage_of,
 )
-from dc_app.pipeline import run_synthesis
+from tinyruns import injected_draws, rel_l2, synthesize, unet_inputs
 
 KINDS = list(WEIGHT_STORAGE_KINDS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 UNET = "model.diffusion_model."
-
-STEPS = 10
-NOISE_SHAPE = (1, 4, 4, 8, 8)  # tiny model: b, latent channels, 4 frames, 8x8 latents (64x64 pixels)
-RUN_ARGS = dict(ddim_steps=STEPS, ddim_eta=1.0, unconditional_guidance_scale=7.5, guidance_rescale=0.7, fs=24,
-                timestep_spacing="uniform_trailing")
 
 # Relative L2 error of the 8-bit model against the plain model of the same compute dtype (tiny model, CPU,
 # the inputs and noise below). Measured (UNet output / final latent / video of the 10-step run, eta 1):
@@ -78,14 +73,7 @@ def stored(plain) -> dict[tuple[str, str], nn.Module]:
 
 @pytest.fixture(scope="module")
 def draws() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {
-        "video": torch.rand(1, 3, 4, 64, 64, generator=g) * 2 - 1,
-        "x_T": torch.randn(NOISE_SHAPE, generator=g),
-        "variance_noise": torch.randn(STEPS, *NOISE_SHAPE, generator=g),
-        "variance_noise_other": torch.randn(STEPS, *NOISE_SHAPE, generator=g),
-        "posterior_noise": torch.randn(4, 4, 8, 8, generator=g),
-    }
+    return injected_draws()
 
 
 @pytest.fixture(scope="module")
@@ -94,32 +82,10 @@ def reference(plain, draws) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: synthesize(model, draws) for name, model in plain.items()}
 
 
-def synthesize(model, draws, variance_noise=None) -> tuple[torch.Tensor, torch.Tensor]:
-    latents = []
-    result = run_synthesis(
-        model, "fixed", ["a cat playing piano"], draws["video"], NOISE_SHAPE, **RUN_ARGS, x_T=draws["x_T"],
-        variance_noise=draws["variance_noise"] if variance_noise is None else variance_noise,
-        posterior_noise=draws["posterior_noise"], callback=lambda i, n, x, p: latents.append(x.clone()),
-    )
-    return latents[-1], result.videos
-
-
-def unet_inputs() -> tuple:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 4, 8, 8, generator=g)
-    concat = torch.randn(2, 4, 4, 8, 8, generator=g)
-    context = torch.randn(2, 77 + 16 * 4, 64, generator=g)  # text + 16 image tokens per frame
-    return x, torch.tensor([999, 400]), {"c_concat": [concat], "c_crossattn": [context]}, torch.tensor([24, 10])
-
-
 def unet_output(model) -> torch.Tensor:
     x, t, cond, fs = unet_inputs()
     with torch.no_grad():
         return model.apply_model(x, t, cond, fs=fs)
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def tensor_bytes(tensors) -> int:
