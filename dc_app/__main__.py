@@ -220,6 +220,8 @@ def open_service(args, work_dir: Path):
 def run_estimate(args: argparse.Namespace) -> int:
     """`python -m dc_app estimate`: the breakdown, the device's free memory and the verdict; exit status 1 when
     even the estimate's low end does not fit (so a script can check before it starts a long download)."""
+    import torch
+
     from .loading import default_device
     from .loading.spec import load_model_config, model_spec
     from .memory_estimate import GiB, free_memory
@@ -241,14 +243,18 @@ def run_estimate(args: argparse.Namespace) -> int:
                         weights_dtype=args.weights_dtype, ff_chunking=args.ff_chunk_size, cfg_mode=args.cfg_mode,
                         decode_chunk_size=1 if perframe else (args.decode_chunk_size or frames),
                         offload=args.offload, device_type="cuda" if device.startswith("cuda") else "cpu")
-    fit = check_fit(setup, free_memory(device), held=0)
-    est = fit.estimate
     print(f"{args.model} model, {frames} frames, on {device}: {describe(args)}")
-    for phase in est.phases:
+    estimate = setup.estimate()
+    for phase in estimate.phases:
         low, high = phase.total
         print(f"  {phase.name:8s} weights {phase.weights / GiB:6.2f} GiB + activations "
               f"{phase.activations[0] / GiB:.2f}-{phase.activations[1] / GiB:.2f} GiB = "
               f"{low / GiB:.2f}-{high / GiB:.2f} GiB")
+    if setup.device_type == "cuda" and not torch.cuda.is_available():
+        # Estimating for a GPU from a machine without one is fine; there is just no free memory to compare.
+        print(f"This {estimate.describe()}. No CUDA device here to compare it with.")
+        return 0
+    fit = check_fit(setup, free_memory(device), held=0)
     print(fit.line())
     if fit.advice:
         print(fit.advice)

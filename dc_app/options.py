@@ -172,9 +172,9 @@ def half_precision(device: str | None) -> str:
     import torch
 
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+    return "bf16"  # a CPU; or a GPU this machine does not have (`estimate` for another machine): the usual case
 
 
 def _temporal_decoder(model: str) -> bool:
@@ -219,7 +219,7 @@ def describe(args: argparse.Namespace) -> str:
     if args.offload != "none":
         words.append(f"offload {args.offload}")
     if args.decode_chunk_size is not None:
-        words.append(f"decode {args.decode_chunk_size} frames at a time")
+        words.append(f"decode {args.decode_chunk_size} frame{'s' if args.decode_chunk_size != 1 else ''} at a time")
     if args.compile:
         words.append("compiled UNet")
     return ", ".join(words)

@@ -281,6 +281,7 @@ def test_low_vram_picks_fp16_on_a_gpu_without_bf16(monkeypatch):
     from dc_app.options import half_precision
 
     assert half_precision("cpu") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert half_precision("cuda") == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -310,3 +311,13 @@ def test_low_vram_makes_a_playable_video_and_records_its_settings(tmp_path):
                     weights_dtype="int8", ff_chunk_size="4096 tokens")
     assert {k: meta[k] for k in expected} == expected
     assert meta["memory_estimate"]["verdict"] == "fits"
+
+
+def test_cli_estimate_for_a_gpu_this_machine_lacks(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["estimate", "--model", "512", "--device", "cuda", "--low-vram"]) == 0
+    out = capsys.readouterr().out
+    assert "512 model, 16 frames, on cuda: low-vram preset, bf16" in out
+    assert out.rstrip().endswith("No CUDA device here to compare it with.") and "(with the CUDA context)" in out
