@@ -138,6 +138,7 @@ class Service:
         self._lock = threading.Lock()
         self._stage = "starting"  # what the running job is doing, for error messages (one job at a time)
         self._job_memory: MemoryFit | None = None  # the running job's memory estimate, for its sidecars
+        self._estimate_failed = False
         h, w = model.image_size
         self.frame_size = (8 * h, 8 * w)  # pixels: the VAE downsamples by 8
         self.frames = int(model.temporal_length)
@@ -494,9 +495,15 @@ class Service:
         if device.type not in ("cuda", "cpu"):
             return None
         try:
-            return check_fit(self.memory_setup(settings), free_memory(device), held_bytes(self.model))
+            free = free_memory(device)
+        except (RuntimeError, OSError):
+            return None  # no device to ask here (ZeroGPU's main process holds no GPU between calls)
+        try:
+            return check_fit(self.memory_setup(settings), free, held_bytes(self.model))
         except Exception:
-            log.exception("the memory estimate failed; running without it")
+            if not self._estimate_failed:  # once in full; the page asks on every change of the frames
+                log.exception("the memory estimate failed; running without it")
+            self._estimate_failed = True
             return None
 
     def memory_line(self, endpoint: str = "generate", frames=None, perframe_ae=None) -> str:

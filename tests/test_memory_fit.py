@@ -165,3 +165,27 @@ def test_cli_estimate_with_the_preset_and_a_device_too_small(capsys, monkeypatch
     out = capsys.readouterr().out
     assert "low-vram preset, bf16" in out and ": does not fit." in out
     assert "Even with every low-memory option it needs about" in out
+
+
+def test_a_failing_estimate_never_stops_a_run(tiny, image, tmp_path, monkeypatch, caplog):
+    """The estimate is advice: if it breaks (a config it cannot trace), the run goes ahead as before, logged once."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(MemorySetup, "estimate", broken)
+    svc = Service(tiny, output_dir=tmp_path)
+    with caplog.at_level("ERROR", logger="dc_app.service"):
+        result = svc.generate(image, steps=2, seed=1)
+        assert svc.memory_line("generate") == ""
+    assert result.video.exists() and "Memory" not in result.report()
+    assert json.loads(result.sidecar.read_text())["memory_estimate"] is None
+    assert sum("the memory estimate failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_no_device_to_ask_means_no_estimate(tiny, tmp_path, monkeypatch):
+    def no_gpu(device):
+        raise RuntimeError("Found no NVIDIA driver")
+
+    monkeypatch.setattr(service_mod, "free_memory", no_gpu)
+    svc = Service(tiny, output_dir=tmp_path)
+    assert svc.memory_fit(svc.settings_for({}, "generate")) is None and svc.memory_line("generate") == ""
