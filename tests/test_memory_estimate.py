@@ -174,3 +174,14 @@ def test_half_precision_halves_the_unet_trace_of_the_full_size_1024_model():
 
 def test_free_memory_on_cpu_is_positive():
     assert 0 < free_memory("cpu") < 2**50
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_8bit_weights_are_the_real_models_bytes(kind):
+    from dc_app.loading import load_for_serving
+
+    model = load_for_serving("tiny", device="cpu", dtype="bf16", weights_dtype=kind)
+    estimate = estimate_memory("tiny", dtype="bf16", weights_dtype=kind, device_type="cpu")
+    assert estimate.weights == tensor_bytes(model)
+    plain = estimate_memory("tiny", dtype="bf16", device_type="cpu").weights
+    assert estimate.weights < plain
