@@ -213,7 +213,14 @@ def open_service(args, work_dir: Path):
     from .loading import load_for_serving
     from .service import Service
 
-    model = load_for_serving(args.model, device=args.device or torchrun_device(), **model_options(args))
+    from .loading.checkpoints import CheckpointError
+    from .models.weight_storage import WeightStorageUnsupported
+
+    try:
+        model = load_for_serving(args.model, device=args.device or torchrun_device(), **model_options(args))
+    except (CheckpointError, WeightStorageUnsupported) as err:
+        # Written for the person: no weights where they were looked for, or an option this device cannot do.
+        raise SystemExit(f"could not load the {args.model} model: {err}") from None
     return Service(model, output_dir=work_dir, **service_options(args))
 
 

@@ -321,3 +321,14 @@ def test_cli_estimate_for_a_gpu_this_machine_lacks(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "512 model, 16 frames, on cuda: low-vram preset, bf16" in out
     assert out.rstrip().endswith("No CUDA device here to compare it with.") and "(with the CUDA context)" in out
+
+
+def test_fp8_where_torch_lacks_it_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "tiny", "--image", str(ASSETS / "chelsea.jpg"), "--out", str(tmp_path / "x.mp4"),
+              "--weights-dtype", "fp8"])
+    assert str(exit_.value).startswith("could not load the tiny model: fp8 weight storage needs torch.float8_e4m3fn")
+    assert "--weights-dtype int8" in str(exit_.value) and not list(tmp_path.iterdir())
