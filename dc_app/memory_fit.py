@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from omegaconf import DictConfig
+
+from .loading.spec import load_model_config, model_spec
 from .memory_estimate import MemoryEstimate, estimate_memory, size, size_span
+from .models.token_chunking import TokenChunking
+from .options import LOW_VRAM_FF_TOKENS, LOW_VRAM_PRESET
 
 FITS, MAY_NOT_FIT, DOES_NOT_FIT = "fits", "may not fit", "does not fit"
 
@@ -24,12 +29,12 @@ class MemorySetup:
     """What the estimate needs to know of a run: the server's options (as the options spell them) and the
     request's frames and decode chunk."""
 
-    model: object          # the config (DictConfig) or a model name
+    model: DictConfig | str    # the config, or a model name
     frames: int
     dtype: str = "fp32"
     vae_dtype: str = "fp32"
     weights_dtype: str | None = None
-    ff_chunking: object = None  # a TokenChunking, or None
+    ff_chunking: TokenChunking | None = None
     cfg_mode: str = "batched"
     decode_chunk_size: int | None = None
     offload: str = "none"
@@ -112,9 +117,6 @@ def held_bytes(model) -> int:
 # Start options to try, one at a time and then together (--low-vram): the flag as a person types it, and what
 # it changes in the setup. Options already in effect are skipped.
 def _start_options(setup: MemorySetup) -> list[tuple[str, dict]]:
-    from .models.token_chunking import TokenChunking
-    from .options import LOW_VRAM_FF_TOKENS, LOW_VRAM_PRESET
-
     half = "fp16" if setup.device_type == "cuda" and setup.dtype == "fp16" else "bf16"
     chunking = TokenChunking(tokens=LOW_VRAM_FF_TOKENS)
     preset = dict(dtype=half, offload=LOW_VRAM_PRESET["offload"], decode_chunk_size=1, ff_chunking=chunking,
@@ -153,7 +155,5 @@ def _advice(setup: MemorySetup, available: int, end: int) -> str:
 
 
 def _trained_frames(setup: MemorySetup) -> int:
-    from .loading.spec import load_model_config, model_spec
-
     cfg = setup.model if not isinstance(setup.model, str) else load_model_config(setup.model)
     return model_spec(cfg).frames
