@@ -47,10 +47,11 @@ def test_app_help_lists_the_performance_options():
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     for shown in ("--dtype {fp32,fp16,bf16}", "--vae-dtype {fp32,fp16,bf16}", "--offload {none,encoders,all}",
-                  "--decode-chunk-size N", "--cfg-mode {batched,two-call}", "--compile, --no-compile"):
+                  "--decode-chunk-size N", "--cfg-mode {batched,two-call}", "--compile, --no-compile",
+                  "--ff-chunk-size N|SIZE", "--weights-dtype {fp8,int8}", "--low-vram, --no-low-vram"):
         assert shown in text, shown
     for env in ("DC_APP_DTYPE", "DC_APP_VAE_DTYPE", "DC_APP_OFFLOAD", "DC_APP_DECODE_CHUNK_SIZE", "DC_APP_CFG_MODE",
-                "DC_APP_COMPILE"):
+                "DC_APP_COMPILE", "DC_APP_FF_CHUNK_SIZE", "DC_APP_WEIGHTS_DTYPE", "DC_APP_LOW_VRAM"):
         assert f"(environment: {env})" in text, env
 
 
@@ -67,6 +68,11 @@ def test_app_help_lists_the_performance_options():
     (["--cfg-mode", "one-call"], {}, "--cfg-mode/DC_APP_CFG_MODE: expected one of batched, two-call, got 'one-call'"),
     ([], {"DC_APP_COMPILE": "maybe"},
      "--compile/DC_APP_COMPILE: expected one of 1, true, yes, on, 0, false, no, off, got 'maybe'"),
+    ([], {"DC_APP_FF_CHUNK_SIZE": "lots"}, "--ff-chunk-size/DC_APP_FF_CHUNK_SIZE: expected a number of tokens "
+                                           "(e.g. 4096) or a memory budget (e.g. 64MiB, 0.5GB), got 'lots'"),
+    (["--weights-dtype", "int4"], {}, "--weights-dtype/DC_APP_WEIGHTS_DTYPE: expected one of fp8, int8, got 'int4'"),
+    ([], {"DC_APP_LOW_VRAM": "please"},
+     "--low-vram/DC_APP_LOW_VRAM: expected one of 1, true, yes, on, 0, false, no, off, got 'please'"),
 ])
 def test_app_refuses_bad_values_naming_the_option_and_the_allowed_values(tmp_path, args, env, message):
     proc = app_py("--model", "tiny", *args, env={"DC_APP_OUTPUT_DIR": str(tmp_path), **env})
@@ -203,3 +209,15 @@ def test_decode_chunk_size_gives_the_default_video(tmp_path, monkeypatch):
     assert default.isfinite().all() and default.std() > 0.01
     for chunk, video in runs[1:]:
         torch.testing.assert_close(video, default, atol=1e-5, rtol=0, msg=f"chunk {chunk}")
+
+
+def test_app_low_vram_from_the_environment_with_an_explicit_override(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import app
+
+    monkeypatch.setenv("DC_APP_LOW_VRAM", "1")
+    monkeypatch.setenv("DC_APP_CFG_MODE", "batched")
+    args = app.parse_args(["--model", "tiny", "--device", "cpu"])
+    assert (args.dtype, args.offload, args.decode_chunk_size, args.weights_dtype) == ("bf16", "all", 1, "int8")
+    assert args.cfg_mode == "batched" and "cfg_mode" not in args.preset_options  # the environment's value wins
+    assert str(args.ff_chunk_size) == "4096 tokens"
