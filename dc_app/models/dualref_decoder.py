@@ -60,9 +60,11 @@ class TimeStack(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(32, channels, eps=1e-5), nn.SiLU(), TemporalConv(channels))
+        # SiLU in place on the norm's fresh output: the same numbers, one temporary of the whole chunk fewer.
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels, eps=1e-5), nn.SiLU(inplace=True),
+                                       TemporalConv(channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(32, channels, eps=1e-5), nn.SiLU(), nn.Identity(), TemporalConv(channels)
+            GroupNorm32(32, channels, eps=1e-5), nn.SiLU(inplace=True), nn.Identity(), TemporalConv(channels)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,10 @@ class VideoResBlock(ResnetBlock):
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         spatial = frames_to_video(super().forward(x), num_frames)  # b c t h w
         alpha = torch.sigmoid(self.mix_factor)
-        return video_to_frames(alpha * self.time_stack(spatial) + (1.0 - alpha) * spatial)
+        # a·time + (1 − a)·spatial with the same roundings, into time_stack's fresh output: a chunk-sized
+        # temporary fewer than the expression would make.
+        blended = self.time_stack(spatial).mul_(alpha).add_((1.0 - alpha) * spatial)
+        return video_to_frames(blended)
 
 
 class TemporalConvOut(nn.Conv2d):
@@ -184,7 +189,8 @@ class VideoMidBlock(nn.Module):
 
 class VideoUpLevel(nn.Module):
     """One decoder level: VideoResBlocks (each followed by an AttnBlock if the level has attention), then the
-    optional nearest x2 + conv3x3 upsample. Keys up.i.block.j / up.i.attn.j / up.i.upsample.conv."""
+    optional nearest x2 + conv3x3 upsample. Keys up.i.block.j / up.i.attn.j / up.i.upsample.conv. A container:
+    DualRefDecoder.forward runs its blocks."""
 
     def __init__(self, blocks: list[VideoResBlock], attns: list[AttnBlock], upsample: Upsample | None):
         super().__init__()
@@ -192,13 +198,6 @@ class VideoUpLevel(nn.Module):
         self.attn = nn.ModuleList(attns)
         if upsample is not None:
             self.upsample = upsample
-
-    def blocks(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            x = block(x, num_frames)
-            if len(self.attn) > 0:
-                x = self.attn[i](x)
-        return x
 
     def resample(self, x: torch.Tensor) -> torch.Tensor:
         return self.upsample(x) if hasattr(self, "upsample") else x
@@ -255,11 +254,17 @@ class DualRefDecoder(nn.Module):
         h = self.mid(self.conv_in(z), num_frames)
         for i_level in reversed(range(self.num_levels)):
             level = self.up[i_level]
-            h = level.blocks(h, num_frames)
+            # The blocks run here, not in a method of the level: a callee's argument would keep the level's
+            # input (the widest tensor of the level, a whole chunk at full resolution at level 0) alive through
+            # all its blocks; here it is freed once the first block is done.
+            for i, block in enumerate(level.block):
+                h = block(h, num_frames)
+                if len(level.attn) > 0:
+                    h = level.attn[i](h)
             if references:
                 h = self.attn_refinement[i_level](h, references[i_level], num_frames)
             h = level.resample(h)
-        h = F.silu(self.norm_out(h))
+        h = F.silu(self.norm_out(h), inplace=True)
         if references:
             h = self.attn_refinement[-1](h, references[-1], num_frames)
         return self.conv_out(h, num_frames)
