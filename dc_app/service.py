@@ -348,7 +348,9 @@ class Service:
         try:
             self._stage = "starting"
             self.store.sweep()
-            self._job_memory = fit = self.memory_fit(settings)  # after the previous job let go of its memory
+            injected = self.fault.take_free_memory() if self.fault is not None else None
+            # After the previous job let go of its memory.
+            self._job_memory = fit = self.memory_fit(settings, free=injected)
             if fit is not None and fit.verdict == DOES_NOT_FIT:
                 raise NotEnoughMemory(fit.refusal())
             outcomes = []
@@ -487,15 +489,15 @@ class Service:
                            decode_chunk_size=self._decode_chunk(settings), offload=offload_mode(model),
                            device_type=model.device.type)
 
-    def memory_fit(self, settings: GenerationSettings) -> MemoryFit | None:
-        """The memory estimate of a request against the device's free memory; None where there is none to
-        make (a device other than a GPU or the CPU), or when the estimate itself fails: that is logged and the
-        run goes ahead, as it did before estimates existed."""
+    def memory_fit(self, settings: GenerationSettings, free: int | None = None) -> MemoryFit | None:
+        """The memory estimate of a request against the device's free memory (`free`: bytes instead of asking
+        the device; fault injection); None where there is none to make (a device other than a GPU or the CPU),
+        or when the estimate itself fails: that is logged and the run goes ahead, as before estimates existed."""
         device = self.model.device
         if device.type not in ("cuda", "cpu"):
             return None
         try:
-            free = free_memory(device)
+            free = free_memory(device) if free is None else free
         except (RuntimeError, OSError):
             return None  # no device to ask here (ZeroGPU's main process holds no GPU between calls)
         try:

@@ -1,9 +1,10 @@
 """Fault injection through DC_APP_FAULT (read at start-up only): each fault fails its request cleanly, leaves no
 file behind, and the app keeps serving.
 
-The app runs with DC_APP_FAULT="raise@step2,oom@step3,writer@frame2"; each fault fires once, the first time a
-run reaches it, so the requests below are chosen to meet them one at a time: 2 steps meet raise@step2 only,
-3 steps then meet oom@step3, and the next run (1 step) meets the writer fault at its second frame.
+The app runs with DC_APP_FAULT="free-memory@1,raise@step2,oom@step3,writer@frame2"; each fault fires once, the
+first time a run reaches it, so the requests below are chosen to meet them one at a time: the first run's memory
+check sees 1 MiB free and is refused, 2 steps then meet raise@step2 only, 3 steps oom@step3, and the next run
+(1 step) meets the writer fault at its second frame.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ IMAGE = str(REPO / "assets" / "rocket.jpg")
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     # Model and port come from DC_APP_MODEL and GRADIO_SERVER_PORT here, so the environment forms are covered too.
-    running = start_app(tmp_path_factory.mktemp("faults"), {"DC_APP_FAULT": "raise@step2,oom@step3,writer@frame2"},
+    running = start_app(tmp_path_factory.mktemp("faults"), {"DC_APP_FAULT": "free-memory@1,raise@step2,oom@step3,writer@frame2"},
                         via_env=True)
     yield running
     stop_app(running)
@@ -49,6 +50,13 @@ def test_fault_is_not_an_api_parameter(client):
     assert not any("fault" in n for n in names)
     with pytest.raises(Exception):
         client.predict(handle_file(IMAGE), steps=1, fault="oom@step1", api_name="/generate")
+
+
+def test_a_run_that_cannot_fit_is_refused_in_plain_words(client, app):
+    # The tiny model needs about 47 MiB (its 41 MiB of weights included); 1 MiB free + the weights is less.
+    message = expect_failure(client, app, "not enough RAM: this run needs at least", steps=2, seed=1)
+    assert "Even with every low-memory option it needs about" in message or "To fit:" in message
+    assert "Traceback" not in message and "/tmp" not in message
 
 
 def test_exception_inside_the_sampler(client, app):

@@ -113,7 +113,7 @@ def test_fault_settings_delay_and_fail_the_load(tiny):
     assert failing.wait(30) and failing.status == "the tiny model could not be loaded: injected by " \
                                                   "DC_APP_FAULT=load-error"
     for bad in ("load-delay@", "load-delay@x", "load-error@1", "load@step1"):
-        with pytest.raises(ValueError, match="load-delay@SECONDS or load-error"):
+        with pytest.raises(ValueError, match="load-delay@SECONDS, load-error or free-memory@MIB"):
             parse_fault(bad)
 
 

@@ -449,6 +449,9 @@ def test_writer_failure_in_the_second_video_removes_the_first(tmp_path, fake, im
         def at_step(self, step):
             pass
 
+        def take_free_memory(self):
+            return None  # the device's own
+
         def at_frame(self, frame):
             self.calls += 1
             if self.calls == self.n:
@@ -472,9 +475,11 @@ def test_fault_spec_is_checked():
     assert parse_fault(None) is None and parse_fault("") is None
     plan = parse_fault("raise@step2, oom@step3,writer@frame1")
     assert [str(f) for f in plan.armed] == ["raise@step2", "oom@step3", "writer@frame1"]
-    for bad in ("oom@frame2", "oom@step0", "boom@step1", "oom"):
+    for bad in ("oom@frame2", "oom@step0", "boom@step1", "oom", "free-memory@", "free-memory@1.5"):
         with pytest.raises(ValueError, match="DC_APP_FAULT"):
             parse_fault(bad)
+    plan = parse_fault("free-memory@3")
+    assert plan.take_free_memory() == 3 * 2**20 and plan.take_free_memory() is None  # once, like the others
 
 
 # ------------------------------------------------------------------------------------------- storage
