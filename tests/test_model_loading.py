@@ -202,3 +202,16 @@ def test_app_reports_a_load_error_and_keeps_serving(tmp_path):
         assert app.alive()
     finally:
         stop_app(app)
+
+
+def test_an_8bit_kind_the_device_lacks_is_explained_on_the_page():
+    from dc_app.models.weight_storage import WeightStorageUnsupported
+
+    def load():
+        raise WeightStorageUnsupported("fp8 weight storage: device cuda:0 cannot convert float8_e4m3fn (no kernel); "
+                                       "use int8 weight storage (--weights-dtype int8) instead")
+
+    loader = ModelLoader("tiny", load).start()
+    assert loader.wait(30) and loader.state == "failed"
+    assert loader.status == ("the tiny model could not be loaded: fp8 weight storage: device cuda:0 cannot convert "
+                             "float8_e4m3fn (no kernel); use int8 weight storage (--weights-dtype int8) instead")

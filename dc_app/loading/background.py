@@ -16,6 +16,7 @@ from typing import Any, Callable
 from .checkpoints import CheckpointError, download_progress, local_checkpoint_path
 from .spec import load_model_config, model_spec
 from ..faults import InjectedFault
+from ..models.weight_storage import WeightStorageUnsupported
 from ..validation import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,6 @@ class ModelLoader:
 
 def _explain(err: Exception) -> str:
     """The error in plain words: dc_app's own messages as they are (they say what to do), others by type."""
-    if isinstance(err, (CheckpointError, InjectedFault, MemoryError)):
+    if isinstance(err, (CheckpointError, WeightStorageUnsupported, InjectedFault, MemoryError)):
         return str(err) or type(err).__name__
     return f"{type(err).__name__}; the server log has the details"
