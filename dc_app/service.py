@@ -559,7 +559,8 @@ class Service:
         return tuple(notes)
 
     def _memory_record(self) -> dict | None:
-        fit = getattr(self, "_job_memory", None)
+        """The running job's memory estimate for its sidecars (None: no estimate was made)."""
+        fit = self._job_memory
         if fit is None:
             return None
         low, high = fit.estimate.total
