@@ -234,21 +234,21 @@ def run_estimate(args: argparse.Namespace) -> int:
     from .memory_estimate import GiB, free_memory
     from .memory_fit import DOES_NOT_FIT, MemorySetup, check_fit
     from .options import describe
+    from .service import decode_chunk, serving_defaults
 
     spec = model_spec(load_model_config(args.model))
     frames = spec.frames if args.frames is None else args.frames
     lo, hi = spec.defaults.frames_range
     if not lo <= frames <= hi:
         raise SystemExit(f"--frames {frames}: the {args.model} model makes {lo} to {hi} frames")
-    # The request's decode chunk as the service picks it: per-frame decode asked or the model's default, else the
-    # server's --decode-chunk-size, else all frames.
-    perframe = spec.defaults.perframe_ae if args.perframe_ae is None else args.perframe_ae
-    if args.decode_chunk_size is not None and args.perframe_ae is None:
-        perframe = args.decode_chunk_size == 1
+    # The request's decode chunk as the service picks it.
+    perframe = args.perframe_ae
+    if perframe is None:
+        perframe = serving_defaults(spec.defaults, args.decode_chunk_size).perframe_ae
     device = args.device or str(default_device())
     setup = MemorySetup(model=args.model, frames=frames, dtype=args.dtype or "fp32", vae_dtype=args.vae_dtype,
                         weights_dtype=args.weights_dtype, ff_chunking=args.ff_chunk_size, cfg_mode=args.cfg_mode,
-                        decode_chunk_size=1 if perframe else (args.decode_chunk_size or frames),
+                        decode_chunk_size=decode_chunk(perframe, args.decode_chunk_size, spec.frames),
                         offload=args.offload, device_type="cuda" if device.startswith("cuda") else "cpu")
     print(f"{args.model} model, {frames} frames, on {device}: {describe(args)}")
     estimate = setup.estimate()

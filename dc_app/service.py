@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .loading.spec import UPSTREAM_SPACINGS, ModelSpec, model_spec
+from .loading.spec import UPSTREAM_SPACINGS, ModelDefaults, ModelSpec, model_spec
 from .faults import FaultPlan
 from .images import open_image, prepare_image
 from .loading import dtype_name, offload_mode
@@ -105,6 +105,18 @@ class PeakMemory:
         return False
 
 
+def serving_defaults(defaults: ModelDefaults, decode_chunk_size: int | None) -> ModelDefaults:
+    """A model's request defaults under a server-wide decode chunk: the chunk replaces the model's per-frame
+    default (a request can still ask for per-frame decode)."""
+    return defaults if decode_chunk_size is None else defaults.with_values(perframe_ae=decode_chunk_size == 1)
+
+
+def decode_chunk(perframe_ae: bool, decode_chunk_size: int | None, frames: int) -> int:
+    """Frames the VAE decodes at once for a model trained on `frames`: 1 with per-frame decode, else the server's
+    chunk (or all `frames`), never more than `frames`."""
+    return 1 if perframe_ae else min(decode_chunk_size or frames, frames)
+
+
 class Service:
     """Generation jobs on one loaded model; one job at a time per instance (one instance per device)."""
 
@@ -123,13 +135,10 @@ class Service:
             raise ValueError(f"decode_chunk_size {decode_chunk_size!r}: expected a whole number of frames, 1 or more")
         self._source = model
         self.spec: ModelSpec = model_spec(model.config)
-        self.defaults = self.spec.defaults
         self.decode_chunk_size = None if decode_chunk_size is None else int(decode_chunk_size)
+        # Every request's defaults (and the UI's and API's, which read these).
+        self.defaults = serving_defaults(self.spec.defaults, self.decode_chunk_size)
         self.cfg_mode = cfg_mode
-        if self.decode_chunk_size is not None:
-            # A chunk chosen for the server replaces the model's per-frame default in every request (and in the
-            # UI's and API's defaults, which read these); a request can still ask for per-frame decode.
-            self.defaults = self.defaults.with_values(perframe_ae=self.decode_chunk_size == 1)
         self.model_name = self.spec.name
         self.store = store or OutputStore(output_dir)
         self.store.sweep()  # results left by an earlier process age out like any other
@@ -336,7 +345,7 @@ class Service:
 
     def _decode_chunk(self, settings: GenerationSettings) -> int:
         """Frames the VAE decodes at once: 1 with per-frame decode, else the server's chunk (or all frames)."""
-        return 1 if settings.perframe_ae else min(self.decode_chunk_size or self.frames, self.frames)
+        return decode_chunk(settings.perframe_ae, self.decode_chunk_size, self.frames)
 
     def _run_job(self, settings: GenerationSettings, videos: torch.Tensor | None, runs: list[tuple[str, str]],
                  progress, cancel, interp: bool, loop: bool, board: Storyboard | None = None) -> GenerationResult:
