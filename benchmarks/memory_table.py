@@ -13,16 +13,21 @@ import argparse
 import _common  # noqa: F401  (puts the repository on sys.path)
 from dc_app.memory_estimate import GiB, estimate_memory
 from dc_app.loading.spec import load_model_config, model_spec
-from dc_app.options import LOW_VRAM_FF_TOKENS, LOW_VRAM_PRESET
+from dc_app.options import low_vram_preset
 
 MODELS = ("256", "512", "1024", "512_interp", "tooncrafter_512")
-PRESETS = {
-    "default (fp32, batched CFG)": {},
-    "--dtype bf16": dict(dtype="bf16"),
-    "--low-vram": dict(dtype="bf16", offload=LOW_VRAM_PRESET["offload"], ff_chunk_size=LOW_VRAM_FF_TOKENS,
-                       weights_dtype=LOW_VRAM_PRESET["weights_dtype"], cfg_mode=LOW_VRAM_PRESET["cfg_mode"],
-                       decode_chunk_size=LOW_VRAM_PRESET["decode_chunk_size"]),
-}
+PRESETS = ("default (fp32, batched CFG)", "--dtype bf16", "--low-vram")
+
+
+def preset_options(preset: str, model: str, device: str) -> dict:
+    """estimate_memory's keyword arguments for a row's preset (--low-vram: the options' own preset)."""
+    if preset == "--dtype bf16":
+        return dict(dtype="bf16")
+    if preset == "--low-vram":
+        options = low_vram_preset(model, device)  # a temporal decoder keeps its own decode chunk
+        options["ff_chunk_size"] = options["ff_chunk_size"].tokens
+        return options
+    return {}
 
 
 def main(argv=None) -> int:
@@ -39,10 +44,7 @@ def main(argv=None) -> int:
         if not spec.interp and args.long > 1:
             rows.append((args.long * spec.frames, "--low-vram"))
         for frames, preset in rows:
-            options = dict(PRESETS[preset])
-            if spec.temporal_decoder:
-                options.pop("decode_chunk_size", None)  # the preset leaves a temporal decoder its own chunk
-            e = estimate_memory(name, frames=frames, device_type=device, **options)
+            e = estimate_memory(name, frames=frames, device_type=device, **preset_options(preset, name, device))
             print(f"| {name} | {frames} | {preset} | {e.total[0] / GiB:.1f}-{e.total[1] / GiB:.1f} GiB | "
                   f"{e.peak_phase} |")
     return 0

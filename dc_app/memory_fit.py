@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from .loading.spec import load_model_config, model_spec
 from .memory_estimate import MemoryEstimate, estimate_memory, size, size_span
 from .models.token_chunking import TokenChunking
-from .options import LOW_VRAM_FF_TOKENS, LOW_VRAM_PRESET
+from .options import PERFORMANCE_OPTIONS, low_vram_preset
 
 FITS, MAY_NOT_FIT, DOES_NOT_FIT = "fits", "may not fit", "does not fit"
 
@@ -114,21 +114,24 @@ def held_bytes(model) -> int:
     return total
 
 
-# Start options to try, one at a time and then together (--low-vram): the flag as a person types it, and what
-# it changes in the setup. Options already in effect are skipped.
+# Start options to try, one at a time (in this order: the ones that cost least time first), then together as
+# --low-vram; each with --low-vram's own value. Options already in effect are skipped.
+_ONE_AT_A_TIME = ("ff_chunk_size", "cfg_mode", "offload", "dtype", "weights_dtype")
+
+
 def _start_options(setup: MemorySetup) -> list[tuple[str, dict]]:
-    half = "fp16" if setup.device_type == "cuda" and setup.dtype == "fp16" else "bf16"
-    chunking = TokenChunking(tokens=LOW_VRAM_FF_TOKENS)
-    preset = dict(dtype=half, offload=LOW_VRAM_PRESET["offload"], decode_chunk_size=1, ff_chunking=chunking,
-                  weights_dtype=LOW_VRAM_PRESET["weights_dtype"], cfg_mode=LOW_VRAM_PRESET["cfg_mode"])
-    options = [
-        (f"--ff-chunk-size {LOW_VRAM_FF_TOKENS}", dict(ff_chunking=chunking)),
-        ("--cfg-mode two-call", dict(cfg_mode="two-call")),
-        ("--offload all", dict(offload="all")),
-        (f"--dtype {half}", dict(dtype=half)),
-        ("--weights-dtype int8", dict(weights_dtype="int8")),
-        ("--low-vram", preset),
-    ]
+    """[(the flag as a person types it, what it changes in the setup), ...]."""
+    preset = low_vram_preset(None, setup.device_type)
+    flags = {o.dest: o.flag for o in PERFORMANCE_OPTIONS}
+
+    def change(dest: str) -> tuple[str, object]:  # an option's value as the setup field it sets
+        return ("ff_chunking", preset[dest]) if dest == "ff_chunk_size" else (dest, preset[dest])
+
+    def typed(value) -> str:
+        return str(value.tokens) if isinstance(value, TokenChunking) else str(value)
+
+    options = [(f"{flags[dest]} {typed(preset[dest])}", dict([change(dest)])) for dest in _ONE_AT_A_TIME]
+    options.append(("--low-vram", dict(change(dest) for dest in preset)))
     return [(flag, values) for flag, values in options if any(getattr(setup, k) != v for k, v in values.items())]
 
 
