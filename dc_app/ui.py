@@ -13,6 +13,7 @@ from .uploads import ASSETS_DIR, NOT_AN_UPLOAD
 from .ui_handlers import (
     api_functions,
     frames_cost,
+    memory_fields,
     model_banner,
     random_seed,
     ui_memory,
@@ -195,7 +196,7 @@ def _tab(service: Service, rule, interp: bool) -> gr.Blocks:
                 cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}cancel")
             # Will it fit: the estimate against the device's free memory, for the settings on the page.
             s["memory"] = gr.Markdown(elem_id=f"{prefix}memory")
-            s["memory_inputs"] = [s[name] for name in ("frames", "perframe_ae") if name in s]
+            s["memory_inputs"] = [s[name] for name in memory_fields(endpoint)]
             gr.on([c.change for c in s["memory_inputs"]], ui_memory(service, endpoint), inputs=s["memory_inputs"],
                   outputs=s["memory"], queue=False, api_visibility="private", show_progress="hidden")
         with gr.Column():

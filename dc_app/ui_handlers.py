@@ -356,9 +356,16 @@ def frames_cost(service: Service) -> Callable:
     return cost
 
 
+def memory_fields(endpoint: str) -> list[str]:
+    """The settings of `endpoint` the memory estimate depends on, in the order ui_memory's handler takes them."""
+    taken = {f.name for f in fields_of(endpoint)}
+    return [name for name in ("frames", "perframe_ae") if name in taken]
+
+
 def ui_memory(service: Service, endpoint: str) -> Callable:
-    """The line next to Generate: the memory the run would need against what the device has free."""
-    names = [name for name in ("frames", "perframe_ae") if name in {f.name for f in fields_of(endpoint)}]
+    """The line next to Generate: the memory the run would need against what the device has free; takes the
+    controls of memory_fields(endpoint)."""
+    names = memory_fields(endpoint)
 
     def line(*values) -> str:
         return service.memory_line(endpoint, **dict(zip(names, values)))
