@@ -254,7 +254,8 @@ def _meta_model(model_key: tuple):
     return model
 
 
-def _tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each storage once (meta tensors count their size too)."""
     seen, total = set(), 0
     for t in tensors:
         key = t.untyped_storage()._cdata  # tied or shared tensors count once
@@ -268,8 +269,8 @@ def _tensor_bytes(tensors) -> int:
 def _part_bytes(model_key: tuple) -> dict[str, int]:
     """Bytes of each part's parameters and buffers (the schedule, on the model itself, as "schedule")."""
     model = _meta_model(model_key)
-    parts = {name: _tensor_bytes([*part.parameters(), *part.buffers()]) for name, part in model.named_children()}
-    parts["schedule"] = _tensor_bytes(model.buffers(recurse=False))
+    parts = {name: tensor_bytes([*part.parameters(), *part.buffers()]) for name, part in model.named_children()}
+    parts["schedule"] = tensor_bytes(model.buffers(recurse=False))
     return parts
 
 
@@ -311,7 +312,7 @@ def _conditioning_bytes(model_key: tuple, cfg_mode: str) -> int:
     if model.temporal_decoder:
         H, W = (8 * s for s in model.image_size)
         with torch.no_grad():
-            total += _tensor_bytes(model.encode_keyframes(torch.empty(1, 3, 2, H, W, device="meta"))[1])
+            total += tensor_bytes(model.encode_keyframes(torch.empty(1, 3, 2, H, W, device="meta"))[1])
     return total
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from omegaconf import DictConfig
 
 from .loading.spec import load_model_config, model_spec
-from .memory_estimate import MemoryEstimate, estimate_memory, size, size_span
+from .memory_estimate import MemoryEstimate, estimate_memory, size, size_span, tensor_bytes
 from .models.token_chunking import TokenChunking
 from .options import PERFORMANCE_OPTIONS, low_vram_preset
 
@@ -102,16 +102,7 @@ def check_fit(setup: MemorySetup, free: int, held: int) -> MemoryFit:
 def held_bytes(model) -> int:
     """Bytes of the model's parameters and buffers on its device (offloaded parts are in CPU RAM: on a GPU they
     do not count; on a CPU everything does)."""
-    device = model.device
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device != device:
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    return tensor_bytes(t for t in [*model.parameters(), *model.buffers()] if t.device == model.device)
 
 
 # Start options to try, one at a time (in this order: the ones that cost least time first), then together as
